@@ -1,0 +1,38 @@
+"""plrd: Progressive Low-Rank Decomposition of pretrained PyTorch models into model families.
+
+Public names are imported lazily so that ``import plrd`` stays light (transformers is touched
+only where a Hugging Face model is).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "LowRankLinear": "plrd.layer",
+    "decompose": "plrd.surgery",
+    "DecompositionReport": "plrd.surgery",
+    "count_parameters": "plrd.counting",
+    "collect_grams": "plrd.calibrate",
+    "save": "plrd.checkpoint",
+    "load": "plrd.checkpoint",
+    "load_pretrained": "plrd.models",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'plrd' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

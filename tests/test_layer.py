@@ -23,7 +23,7 @@ def test_init_output_variance_matches_linear():
     torch.manual_seed(0)
     x = torch.randn(4096, 256)
     with torch.no_grad():
-            dense = torch.stack([nn.Linear(256, 256, bias=False)(x).var() for _ in range(4)]).mean()
+        dense = torch.stack([nn.Linear(256, 256, bias=False)(x).var() for _ in range(4)]).mean()
         low = torch.stack(
             [LowRankLinear(256, 256, 64, bias=False)(x).var() for _ in range(4)]
         ).mean()

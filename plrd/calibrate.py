@@ -1,0 +1,252 @@
+"""Calibration: input Gram matrices G = Σ xᵀx of the targeted layers, for whitened SVD.
+
+For a layer y = x Wᵀ + b seeing inputs x [..., in], G accumulates over every token (leading dims
+flattened): G = Σ_t x_t x_tᵀ, float64, [in, in]. Then the output error of a replacement W' on
+those inputs is Σ_t ‖(W − W') x_t‖² = ‖(W − W') L‖_F² with G = L Lᵀ (see ``plrd.factorize``).
+Every layer sees every token once, so Grams of different layers share one scale and their
+spectra are comparable (global allocation relies on this).
+
+Layers that read the same input tensor in a forward pass (q/k/v projections, gate/up) get one
+Gram, computed once: the returned dict maps each of their names to the same tensor object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from plrd.targets import Patterns, find_targets, layer_shape
+
+
+class Grams(dict):
+    """``{layer name: Σ xᵀx}`` (float64 [in, in]); ``tokens[name]`` = rows accumulated."""
+
+    def __init__(self, *args: Any, tokens: Mapping[str, int] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.tokens: dict[str, int] = dict(tokens or {})
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    """True when ``a`` and ``b`` hold the same data (``b`` is kept alive by the caller)."""
+    if a is b:
+        return True
+    return (
+        a.device == b.device
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.data_ptr() == b.data_ptr()
+        and a._version == b._version
+    )
+
+
+class _Collector:
+    """Forward pre-hook state for Gram accumulation with shared inputs.
+
+    A layer seen for the first time joins the group of a layer called once so far in this
+    forward pass with the identical input tensor (one of the last few inputs, held alive so
+    their memory cannot be reused); it then shares that layer's accumulator. Each later forward
+    re-checks the sharing; a member whose input differs (or that misses a call) gets its own
+    accumulator, split exactly: the group's sum minus the contribution it did not share.
+    """
+
+    WINDOW = 4
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = list(names)
+        self.leader: dict[str, str] = {}  # name → name owning its accumulator
+        self.acc: dict[str, Tensor] = {}  # leader → Σ xᵀx
+        self.tokens: dict[str, int] = {}  # leader → rows accumulated
+        self.followers: dict[str, set[str]] = {}  # leader → other names sharing it
+        self.forward = 0
+        self.first_forward: dict[str, int] = {}
+        self._reset_forward()
+
+    def _reset_forward(self) -> None:
+        self.recent: list[tuple[str, Tensor]] = []  # (leader, its latest input), newest last
+        self.calls: dict[str, int] = {}  # leader → calls in this forward
+        self.current: dict[str, tuple[Tensor, Tensor]] = {}  # leader → (input, xᵀx) latest
+        self.pending: dict[str, set[str]] = {}  # leader → followers yet to consume `current`
+
+    def start_forward(self) -> None:
+        """Close the previous forward pass (followers that missed a call are split off)."""
+        for leader, waiting in list(self.pending.items()):
+            for name in list(waiting):
+                self._split(name, leader)
+        self.forward += 1
+        self._reset_forward()
+
+    @staticmethod
+    def _rows(x: Tensor) -> int:
+        return x.numel() // x.shape[-1]
+
+    def _add(self, leader: str, x: Tensor) -> Tensor:
+        flat = x.detach().reshape(-1, x.shape[-1]).double()
+        g = flat.T @ flat
+        if leader in self.acc:
+            self.acc[leader] += g
+        else:
+            self.acc[leader] = g.clone()
+        self.tokens[leader] = self.tokens.get(leader, 0) + self._rows(x)
+        return g
+
+    def _remember(self, leader: str, x: Tensor) -> None:
+        self.recent = [(n, y) for n, y in self.recent if n != leader]
+        self.recent.append((leader, x))
+        del self.recent[: -self.WINDOW]
+
+    def hook(self, name: str, x: Tensor) -> None:
+        leader = self.leader.get(name)
+        if leader is None:
+            self._first_call(name, x)
+        elif leader == name:
+            self._leader_call(name, x)
+        else:
+            self._follower_call(name, leader, x)
+
+    def _first_call(self, name: str, x: Tensor) -> None:
+        self.first_forward[name] = self.forward
+        for leader, y in reversed(self.recent):
+            if (
+                self.first_forward[leader] == self.forward
+                and self.calls.get(leader) == 1
+                and _same_tensor(x, y)
+            ):
+                self.leader[name] = leader
+                self.followers[leader].add(name)
+                return
+        self.leader[name] = name
+        self.followers[name] = set()
+        self._leader_call(name, x)
+
+    def _leader_call(self, name: str, x: Tensor) -> None:
+        for follower in list(self.pending.get(name, ())):
+            self._split(follower, name)  # it missed this leader's previous input
+        g = self._add(name, x)
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.followers[name]:
+            self.current[name] = (x, g)
+            self.pending[name] = set(self.followers[name])
+        self._remember(name, x)
+
+    def _follower_call(self, name: str, leader: str, x: Tensor) -> None:
+        held = self.current.get(leader)
+        waiting = self.pending.get(leader, set())
+        if held is not None and name in waiting and _same_tensor(x, held[0]):
+            waiting.discard(name)
+            if not waiting:
+                del self.current[leader], self.pending[leader]
+            return
+        self._split(name, leader)
+        self._leader_call(name, x)
+
+    def _split(self, name: str, leader: str) -> None:
+        """Give follower ``name`` its own accumulator holding exactly what it consumed."""
+        acc = self.acc[leader].clone()
+        rows = self.tokens[leader]
+        waiting = self.pending.get(leader)
+        if waiting is not None and name in waiting:
+            x, g = self.current[leader]
+            acc -= g
+            rows -= self._rows(x)
+            waiting.discard(name)
+            if not waiting:
+                del self.current[leader], self.pending[leader]
+        self.followers[leader].discard(name)
+        self.leader[name] = name
+        self.followers[name] = set()
+        self.acc[name] = acc
+        self.tokens[name] = rows
+
+    def result(self) -> Grams:
+        out = Grams()
+        for name in self.names:
+            if name in self.leader:
+                leader = self.leader[name]
+                out[name] = self.acc[leader]
+                out.tokens[name] = self.tokens[leader]
+        return out
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for p in model.parameters():
+        return p.device
+    return None
+
+
+def _to_device(batch: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return batch
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def collect_grams(
+    model: nn.Module,
+    batches: Iterable[Tensor | Mapping[str, Any]],
+    targets: Patterns = None,
+    exclude: Patterns = None,
+    progress: bool = True,
+) -> Grams:
+    """Run ``model`` on ``batches`` and return ``{layer name: Σ xᵀx}`` for the targeted layers.
+
+    ``batches``: tensors (called as ``model(batch)``) or dicts (``model(**batch)``), moved to
+    the model's device. ``targets``/``exclude`` select layers as in ``plrd.decompose`` (default:
+    every linear layer except output heads). Grams are float64 [in, in] on the layer's device;
+    layers reading the same input share one tensor. ``result.tokens[name]`` counts the rows.
+    Runs under ``torch.no_grad()``; hooks are removed even if a forward raises. Raises
+    ``ValueError`` when ``batches`` is empty or never reaches a targeted layer.
+    """
+    from tqdm.auto import tqdm
+
+    layers = find_targets(model, targets, exclude)
+    collector = _Collector(layers)
+    handles = []
+
+    def make_hook(name: str, in_features: int):
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            if x.shape[-1] != in_features:
+                raise ValueError(
+                    f"layer {name!r} expects {in_features} input features, got input "
+                    f"{tuple(x.shape)}"
+                )
+            collector.hook(name, x)
+
+        return hook
+
+    device = _model_device(model)
+    count = 0
+    try:
+        for name, module in layers.items():
+            hook = make_hook(name, layer_shape(module)[0])
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
+                collector.start_forward()
+                batch = _to_device(batch, device)
+                if isinstance(batch, Mapping):
+                    model(**batch)
+                else:
+                    model(batch)
+                count += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        collector.start_forward()  # drop held inputs
+    if count == 0:
+        raise ValueError("collect_grams got no batches; pass a non-empty iterable of inputs")
+    grams = collector.result()
+    missing = [n for n in layers if n not in grams]
+    if len(missing) == len(layers):
+        raise ValueError(
+            f"no targeted layer ran during calibration ({len(layers)} targeted, e.g. "
+            f"{missing[0]!r}); check that the batches drive the model's forward"
+        )
+    return grams

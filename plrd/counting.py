@@ -1,0 +1,40 @@
+"""Parameter counting: shared (tied) tensors counted once; per-layer counts for allocation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters of ``model``; a tensor reachable under several names counts once.
+
+    Two parameters are the same when they are the same object or views of the same storage
+    with the same offset and shape (e.g. ``lm_head.weight`` tied to ``embed_tokens.weight``).
+    """
+    seen: set[tuple] = set()
+    total = 0
+    for p in model.parameters():
+        if p.device.type == "meta":
+            key = ("meta", id(p))
+        else:
+            key = _storage_key(p)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += p.numel()
+    return total
+
+
+def dense_params(in_features: int, out_features: int, bias: bool) -> int:
+    """Parameters of a dense layer: ``in·out (+ out)``."""
+    return in_features * out_features + (out_features if bias else 0)
+
+
+def lowrank_params(in_features: int, out_features: int, rank: int, bias: bool) -> int:
+    """Parameters of a rank-r factored layer: ``r·(in+out) (+ out)``."""
+    return rank * (in_features + out_features) + (out_features if bias else 0)

@@ -1,0 +1,173 @@
+"""Rank allocation: choose one rank per targeted layer so the weights fit a parameter budget.
+
+Pure functions on layer shapes and spectra; no modules touched.
+
+A layer with input width ``in`` and output width ``out`` costs ``r·(in+out)`` weights at rank r
+and ``in·out`` dense. It is only factored (or, if already factored, truncated) below its
+*threshold* ``t = min(current max rank, ⌊in·out/(in+out)⌋)``: a chosen rank ``r ≥ t`` leaves the
+layer as it is (dense stays dense, a factored layer keeps its rank). Ranks are at least 1.
+
+- Uniform: every layer keeps the same fraction f of its current weights, r = round(f·P/(in+out)).
+  f is found by bisection (the total is monotone in f, break-even jumps included), then single
+  rank steps move the total to the nearest reachable value.
+- Global: every singular component j of every layer has a cost σ_j²/(in+out): the (whitened)
+  output error it adds per weight it saves. Components are dropped cheapest first, smallest σ of
+  each layer first, until the budget is met.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from plrd.factorize import break_even_rank
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A targeted layer: widths and current rank (``None`` = dense)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    rank: int | None = None
+
+    @property
+    def step(self) -> int:
+        """Weights per rank: in + out."""
+        return self.in_features + self.out_features
+
+    @property
+    def max_rank(self) -> int:
+        """min(in, out) for a dense layer, the current rank for a factored one."""
+        return min(self.in_features, self.out_features) if self.rank is None else self.rank
+
+    @property
+    def threshold(self) -> int:
+        """Smallest rank at which the layer is left unchanged: min(max rank, break-even)."""
+        return min(self.max_rank, break_even_rank(self.in_features, self.out_features))
+
+    @property
+    def weight_params(self) -> int:
+        """Current weights: in·out dense, r·(in+out) factored (bias not included)."""
+        if self.rank is None:
+            return self.in_features * self.out_features
+        return self.rank * self.step
+
+    def params_at(self, rank: int) -> int:
+        """Weights after choosing ``rank`` (unchanged layer at or above the threshold)."""
+        return self.weight_params if rank >= self.threshold else rank * self.step
+
+    def resolve(self, rank: int) -> int | None:
+        """The rank to apply, or ``None`` when the layer stays as it is."""
+        return None if rank >= self.threshold else rank
+
+
+def min_weight_params(specs: Sequence[LayerSpec]) -> int:
+    """Fewest weights reachable: rank 1 in every layer (or unchanged where that is smaller)."""
+    return sum(s.params_at(1) for s in specs)
+
+
+def _uniform_rank(spec: LayerSpec, fraction: float) -> int:
+    rank = round(fraction * spec.weight_params / spec.step)
+    return max(1, min(rank, spec.max_rank))
+
+
+def _total(specs: Sequence[LayerSpec], ranks: Sequence[int]) -> int:
+    return sum(s.params_at(r) for s, r in zip(specs, ranks, strict=True))
+
+
+def uniform_ranks(specs: Sequence[LayerSpec], budget: int) -> dict[str, int | None]:
+    """Ranks keeping the same fraction of every layer's weights, total ≈ ``budget``.
+
+    Returns name → new rank, or ``None`` for a layer left unchanged. The total lands at the
+    reachable value nearest ``budget`` by single rank steps (within half the widest layer's
+    in+out of it, except where break-even jumps prevent that).
+    """
+    if budget >= sum(s.weight_params for s in specs):
+        return {s.name: None for s in specs}
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if _total(specs, [_uniform_rank(s, mid) for s in specs]) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    ranks = [_uniform_rank(s, lo) for s in specs]
+    ranks = _fix_up(specs, ranks, budget)
+    return {s.name: s.resolve(r) for s, r in zip(specs, ranks, strict=True)}
+
+
+def _fix_up(specs: Sequence[LayerSpec], ranks: list[int], budget: int) -> list[int]:
+    """Single rank steps while they bring the total closer to ``budget``.
+
+    A step up from ``threshold − 1`` restores the layer unchanged; a step down from unchanged
+    goes to ``threshold − 1``. Raises the layer keeping the smallest fraction of its weights
+    (or lowers the one keeping the largest), so the fractions stay as even as steps allow.
+    """
+    ranks = [min(r, s.threshold) for s, r in zip(specs, ranks, strict=True)]
+    deficit = budget - _total(specs, ranks)
+    while deficit != 0:
+        best, best_key, best_delta = None, None, 0
+        for i, (s, r) in enumerate(zip(specs, ranks, strict=True)):
+            target = r + 1 if deficit > 0 else min(r, s.threshold) - 1
+            if not 1 <= target <= s.threshold:
+                continue
+            delta = s.params_at(target) - s.params_at(r)
+            if delta == 0 or abs(deficit - delta) >= abs(deficit):
+                continue
+            fraction = s.params_at(r) / s.weight_params
+            key = fraction if deficit > 0 else -fraction
+            if best_key is None or key < best_key:
+                best, best_key, best_delta = i, key, delta
+        if best is None:
+            break
+        ranks[best] += 1 if deficit > 0 else -1
+        deficit -= best_delta
+    return ranks
+
+
+def global_ranks(
+    specs: Sequence[LayerSpec], spectra: Mapping[str, torch.Tensor], budget: int
+) -> dict[str, int | None]:
+    """Ranks dropping the components of least output error per weight across all layers.
+
+    ``spectra[name]`` holds the layer's singular values (whitened ones for output error), at
+    least ``max_rank`` of them. Component j of a layer costs σ_j²/(in+out); components are
+    dropped cheapest first (never a layer's first) until the total is ≤ ``budget``; the last
+    drop is undone if that lands nearer. Returns name → new rank, or ``None`` for unchanged.
+    """
+    if budget >= sum(s.weight_params for s in specs):
+        return {s.name: None for s in specs}
+    scores, owners = [], []
+    for i, s in enumerate(specs):
+        sigma = spectra[s.name].detach().double().cpu().numpy()
+        if sigma.shape[0] < s.max_rank:
+            raise ValueError(
+                f"layer {s.name!r}: {sigma.shape[0]} singular values given, {s.max_rank} needed"
+            )
+        sigma = np.sort(np.abs(sigma[: s.max_rank]))[::-1]
+        # components j = max_rank-1 .. 1, smallest σ first (stable sort keeps this order on ties)
+        scores.append(sigma[1:][::-1] ** 2 / s.step)
+        owners.append(np.full(s.max_rank - 1, i, dtype=np.int64))
+    order_scores = np.concatenate(scores) if scores else np.zeros(0)
+    order_owners = np.concatenate(owners) if owners else np.zeros(0, dtype=np.int64)
+    order = np.argsort(order_scores, kind="stable")
+    ranks = [s.max_rank for s in specs]
+    total = _total(specs, ranks)
+    previous = total
+    last = None
+    for i in order_owners[order]:
+        if total <= budget:
+            break
+        s = specs[i]
+        before = s.params_at(ranks[i])
+        ranks[i] -= 1
+        previous, total = total, total - before + s.params_at(ranks[i])
+        last = i
+    if last is not None and abs(budget - previous) < abs(budget - total):
+        ranks[last] += 1
+    return {s.name: s.resolve(r) for s, r in zip(specs, ranks, strict=True)}

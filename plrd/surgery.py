@@ -1,0 +1,220 @@
+"""Model surgery: ``plrd.decompose`` replaces targeted linear layers by low-rank ones, in place.
+
+Budget: the model keeps ``keep × count_parameters(model)`` parameters. Only the weights of the
+targeted layers move; everything else (embeddings, norms, biases, untargeted layers) is fixed, so
+the targeted weights get ``keep·N − fixed``. Ranks come from ``plrd.ranks`` (uniform or global
+allocation); a dense layer (``nn.Linear`` or HF ``Conv1D``) is factored with
+``LowRankLinear.from_linear``, an already-factored one is truncated with
+``LowRankLinear.truncate`` (QR core, no dense SVD). A layer whose rank would reach its
+break-even ⌊in·out/(in+out)⌋ (or its current rank) is left as it is.
+
+All checks and all new layers are computed before the first module is swapped, so a failure
+leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+from plrd.counting import count_parameters
+from plrd.factorize import (
+    check_finite,
+    check_gram,
+    lowrank_singular_values,
+    singular_values,
+)
+from plrd.layer import LowRankLinear
+from plrd.ranks import LayerSpec, global_ranks, min_weight_params, uniform_ranks
+from plrd.report import DecompositionReport, LayerChange
+from plrd.targets import (
+    Patterns,
+    as_linear,
+    dense_weight,
+    find_targets,
+    is_lowrank,
+    layer_shape,
+    set_submodule,
+)
+
+METHODS = ("whiten", "svd")
+ALLOCATIONS = ("uniform", "global")
+
+__all__ = ["decompose", "DecompositionReport", "LayerChange"]
+
+
+def _check_keep(keep: float) -> float:
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+        raise ValueError(f"keep must be a number in (0, 1], got {keep!r}")
+    keep = float(keep)
+    if not math.isfinite(keep) or not 0.0 < keep <= 1.0:
+        raise ValueError(
+            f"keep={keep!r} is outside (0, 1]; pass the fraction of the model's current "
+            f"parameters to keep, e.g. keep=0.8"
+        )
+    return keep
+
+
+def _check_layers(
+    layers: Mapping[str, nn.Module], grams: Mapping[str, Tensor] | None, method: str
+) -> None:
+    if method == "whiten":
+        if grams is None:
+            raise ValueError(
+                "method='whiten' needs the layers' input Gram matrices: call "
+                "grams = plrd.collect_grams(model, batches) first and pass grams=grams, "
+                "or use method='svd' (plain SVD, usually much worse for LLMs)"
+            )
+        missing = [n for n in layers if n not in grams]
+        if missing:
+            raise ValueError(
+                f"no Gram matrix for {len(missing)} targeted layer(s), e.g. {missing[0]!r}; "
+                "collect the grams with the same targets/exclude as decompose "
+                "(plrd.collect_grams(model, batches, targets=..., exclude=...))"
+            )
+    checked: set[int] = set()
+    for name, module in layers.items():
+        if is_lowrank(module):
+            check_finite(module.up.detach(), "up", name)
+            check_finite(module.down.detach(), "down", name)
+        else:
+            check_finite(dense_weight(module).detach(), "weight", name)
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            check_finite(bias.detach(), "bias", name)
+        if method == "whiten":
+            gram = grams[name]
+            key = (id(gram), layer_shape(module)[0])
+            if key not in checked:
+                check_gram(gram, layer_shape(module)[0], name)
+                checked.add(key)
+
+
+def _spec(name: str, module: nn.Module) -> LayerSpec:
+    n_in, n_out = layer_shape(module)
+    return LayerSpec(name, n_in, n_out, module.rank if is_lowrank(module) else None)
+
+
+def _spectrum(module: nn.Module, gram: Tensor | None, name: str) -> tuple[Tensor, float]:
+    if is_lowrank(module):
+        return lowrank_singular_values(module.up.detach(), module.down.detach(), gram, name)
+    return singular_values(dense_weight(module).detach(), gram, name)
+
+
+def _bias_params(module: nn.Module) -> int:
+    bias = getattr(module, "bias", None)
+    return 0 if bias is None else bias.numel()
+
+
+def decompose(
+    model: nn.Module,
+    keep: float,
+    targets: Patterns = None,
+    exclude: Patterns = None,
+    grams: Mapping[str, Tensor] | None = None,
+    allocation: str = "uniform",
+    method: str = "whiten",
+    progress: bool = True,
+) -> DecompositionReport:
+    """Shrink ``model`` in place to ≈ ``keep`` × its current parameter count.
+
+    Args:
+        model: any ``nn.Module``; dense (``nn.Linear``, HF ``Conv1D``) and already-factored
+            (``LowRankLinear``) layers are both handled, so this can be applied repeatedly.
+        keep: fraction in (0, 1] of ``plrd.count_parameters(model)`` to keep.
+        targets, exclude: layer-name patterns (see ``plrd.targets``); default: every linear
+            layer except output heads and layers tied to embeddings.
+        grams: ``plrd.collect_grams(model, ...)`` output; required by ``method="whiten"``.
+        allocation: ``"uniform"`` (same kept fraction per layer) or ``"global"`` (drop the
+            components with least output error per parameter across layers).
+        method: ``"whiten"`` (SVD of W·L, G = L Lᵀ: minimises output error on the calibration
+            inputs) or ``"svd"`` (plain SVD; ``grams`` ignored).
+        progress: show a progress bar over the layers being factored.
+
+    Returns a :class:`DecompositionReport` (``print(report)`` shows a table). Raises
+    ``ValueError`` for a ``keep`` outside (0, 1] or below the smallest reachable value, unknown
+    method/allocation, missing or malformed Gram matrices, or non-finite weights (naming the
+    layer); the model is unchanged when it raises.
+    """
+    from tqdm.auto import tqdm
+
+    keep = _check_keep(keep)
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(
+            f"allocation={allocation!r} is unknown; choose one of {', '.join(ALLOCATIONS)}"
+        )
+    layers = find_targets(model, targets, exclude)
+    _check_layers(layers, grams, method)
+    layer_grams = {n: grams[n] for n in layers} if method == "whiten" else dict.fromkeys(layers)
+
+    total = count_parameters(model)
+    specs = [_spec(name, module) for name, module in layers.items()]
+    fixed = total - sum(s.weight_params for s in specs)
+    target = round(keep * total)
+    budget = target - fixed
+    smallest = fixed + min_weight_params(specs)
+    if target < smallest:
+        raise ValueError(
+            f"keep={keep:g} is unreachable: {total:,} parameters now, target {target:,}, but "
+            f"with rank 1 in all {len(specs)} targeted layers the model still has {smallest:,} "
+            f"(the untargeted parameters alone are {fixed:,}); the smallest reachable keep is "
+            f"{smallest / total:.4f}: raise keep or target more layers"
+        )
+
+    ridges: dict[str, float] = {}
+    if allocation == "uniform":
+        ranks = uniform_ranks(specs, budget)
+    else:
+        spectra = {}
+        for name, module in tqdm(
+            layers.items(), desc="spectra", unit="layer", disable=not progress
+        ):
+            spectra[name], ridges[name] = _spectrum(module, layer_grams[name], name)
+        ranks = global_ranks(specs, spectra, budget)
+
+    changes = {n: r for n, r in ranks.items() if r is not None}
+    new_modules: dict[str, LowRankLinear] = {}
+    for name in tqdm(changes, desc="factoring", unit="layer", disable=not progress):
+        module, rank, gram = layers[name], changes[name], layer_grams[name]
+        if is_lowrank(module):
+            new = module.truncate(rank, gram, name)
+        else:
+            new = LowRankLinear.from_linear(as_linear(module), rank, gram, name)
+        new.train(module.training)
+        new_modules[name] = new
+        ridges[name] = new.ridge
+
+    rows = []
+    for spec in specs:
+        module = layers[spec.name]
+        bias = _bias_params(module)
+        new = new_modules.get(spec.name)
+        rows.append(
+            LayerChange(
+                name=spec.name,
+                in_features=spec.in_features,
+                out_features=spec.out_features,
+                rank_before=spec.rank,
+                rank_after=spec.rank if new is None else new.rank,
+                params_before=spec.weight_params + bias,
+                params_after=(spec.weight_params if new is None else new.rank * spec.step)
+                + bias,
+                ridge=ridges.get(spec.name, 0.0),
+            )
+        )
+    for name, new in new_modules.items():
+        set_submodule(model, name, new)
+    return DecompositionReport(
+        keep=keep,
+        method=method,
+        allocation=allocation,
+        params_before=total,
+        params_after=count_parameters(model),
+        target_params=target,
+        layers=rows,
+    )

@@ -1,0 +1,223 @@
+"""Which layers of a model are decomposed: layer kinds and PEFT-style name patterns.
+
+Three layer kinds are "linear" here, all computing ``y = x Wᵀ + b`` with W of shape [out, in]:
+
+- ``torch.nn.Linear`` (weight [out, in]);
+- Hugging Face ``Conv1D`` (GPT-2 family; weight stored transposed, [in, out]), recognised by
+  class name so that transformers is never imported here;
+- ``plrd.LowRankLinear`` (W = up @ down, already factored).
+
+Default targets: every linear layer except output heads and anything tied to an embedding
+(``lm_head``, the module returned by ``get_output_embeddings()``, any layer whose weight shares
+storage with an ``nn.Embedding`` weight).
+
+Patterns (``targets`` / ``exclude``): a string or a list of strings (any-of). A string that looks
+like a regular expression (contains one of ``\\ ^ $ ( ) { } + |`` or ``.*``) is matched with
+``re.fullmatch``; otherwise it is an ``fnmatch`` glob. Either way it is tried against the
+qualified module name and against each of its dotted suffixes, so ``"q_proj"``,
+``"self_attn.*"`` and ``r".*\\.(q|v)_proj"`` all select ``model.layers.0.self_attn.q_proj``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+Patterns = str | Iterable[str] | None
+
+_REGEX_CHARS = set("\\^$(){}+|")
+_HEAD_NAMES = ("lm_head",)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for Hugging Face ``Conv1D`` (weight [in, out], ``y = x W + b``)."""
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and module.weight.dim() == 2
+    )
+
+
+def is_lowrank(module: nn.Module) -> bool:
+    """True for ``plrd.LowRankLinear``."""
+    from plrd.layer import LowRankLinear
+
+    return isinstance(module, LowRankLinear)
+
+
+def is_dense(module: nn.Module) -> bool:
+    """True for a dense linear layer: ``nn.Linear`` or HF ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for any layer plrd can decompose (dense or already factored)."""
+    return is_dense(module) or is_lowrank(module)
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear-like layer."""
+    if is_conv1d(module):
+        n_in, n_out = module.weight.shape
+        return int(n_in), int(n_out)
+    return int(module.in_features), int(module.out_features)
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The [out, in] weight of a dense layer (a transposed view for ``Conv1D``)."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` computing the same map as a dense layer, sharing its tensors.
+
+    ``nn.Linear`` is returned unchanged; a ``Conv1D`` (weight [in, out]) becomes a Linear whose
+    weight is the transposed view [out, in] of the same storage (nothing is copied).
+    """
+    if isinstance(module, nn.Linear):
+        return module
+    if not is_conv1d(module):
+        raise ValueError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
+    n_in, n_out = layer_shape(module)
+    bias = getattr(module, "bias", None)
+    linear = nn.Linear(n_in, n_out, bias=bias is not None, device="meta")
+    weight = module.weight
+    linear.weight = nn.Parameter(weight.detach().t(), requires_grad=weight.requires_grad)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
+    return linear
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """All linear-like layers of ``model`` by qualified name, in module order."""
+    return {name: m for name, m in model.named_modules() if name and is_linear_like(m)}
+
+
+def _embedding_storages(model: nn.Module) -> set[tuple[int, tuple[int, ...]]]:
+    keys = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            w = module.weight
+            keys.add((w.data_ptr(), tuple(w.shape)))
+    return keys
+
+
+def head_names(model: nn.Module) -> set[str]:
+    """Names of linear layers that are output heads or tied to an embedding."""
+    layers = linear_layers(model)
+    heads = {n for n in layers if n.split(".")[-1] in _HEAD_NAMES}
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            out_emb = get_out()
+        except (AttributeError, NotImplementedError):
+            out_emb = None
+        if out_emb is not None:
+            heads.update(n for n, m in layers.items() if m is out_emb)
+    emb = _embedding_storages(model)
+    for name, m in layers.items():
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor):
+            if (w.data_ptr(), tuple(w.shape)) in emb or (
+                w.data_ptr(),
+                tuple(w.t().shape),
+            ) in emb:
+                heads.add(name)
+    return heads
+
+
+def _as_list(patterns: Patterns) -> list[str]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        return [patterns]
+    out = list(patterns)
+    for p in out:
+        if not isinstance(p, str):
+            raise ValueError(f"layer patterns must be strings, got {p!r}")
+    return out
+
+
+def looks_like_regex(pattern: str) -> bool:
+    """True when ``pattern`` is treated as a regular expression rather than a glob."""
+    return bool(_REGEX_CHARS & set(pattern)) or ".*" in pattern or ".+" in pattern
+
+
+def _suffixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Whether a qualified module name (or one of its dotted suffixes) matches ``pattern``."""
+    if looks_like_regex(pattern):
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"invalid layer pattern {pattern!r}: {e}") from e
+        return any(rx.fullmatch(s) for s in _suffixes(name))
+    return any(fnmatch.fnmatchcase(s, pattern) for s in _suffixes(name))
+
+
+def _preview(names: Iterable[str], limit: int = 8) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return shown + more
+
+
+def find_targets(
+    model: nn.Module, targets: Patterns = None, exclude: Patterns = None
+) -> dict[str, nn.Module]:
+    """The layers to decompose, by qualified name, in module order.
+
+    ``targets=None`` selects every linear layer except heads/tied layers (see module docs);
+    explicit ``targets`` may also select an untied head but never a layer tied to an embedding.
+    Raises ``ValueError`` when a target pattern matches no linear layer (the message lists the
+    available names) or when the selection is empty.
+    """
+    layers = linear_layers(model)
+    heads = head_names(model)
+    target_list = _as_list(targets)
+    exclude_list = _as_list(exclude)
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear, Conv1D or LowRankLinear layer to decompose"
+        )
+    if targets is None:
+        chosen = {n: m for n, m in layers.items() if n not in heads}
+    else:
+        emb = _embedding_storages(model)
+        eligible = {
+            n: m
+            for n, m in layers.items()
+            if not (
+                isinstance(getattr(m, "weight", None), torch.Tensor)
+                and (m.weight.data_ptr(), tuple(m.weight.shape)) in emb
+            )
+        }
+        for p in target_list:
+            if not any(matches(n, p) for n in eligible):
+                raise ValueError(
+                    f"target pattern {p!r} matches no linear layer of {type(model).__name__}; "
+                    f"available layers: {_preview(eligible)}"
+                )
+        chosen = {n: m for n, m in eligible.items() if any(matches(n, p) for p in target_list)}
+    chosen = {n: m for n, m in chosen.items() if not any(matches(n, p) for p in exclude_list)}
+    if not chosen:
+        raise ValueError(
+            f"no layer left to decompose in {type(model).__name__} after targets={targets!r}, "
+            f"exclude={exclude!r}; available layers: {_preview(layers)}"
+        )
+    return chosen
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at qualified ``name`` by ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

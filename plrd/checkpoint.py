@@ -97,7 +97,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot be read as JSON ({e})") from e
     if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a plrd manifest (missing \"format\": \"{FORMAT}\")")
+        raise ValueError(f'{path}: not a plrd manifest (missing "format": "{FORMAT}")')
     version = info.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise ValueError(
@@ -106,7 +106,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         )
     layers = info.get("layers")
     if not isinstance(layers, list):
-        raise ValueError(f"{path}: \"layers\" must be a list")
+        raise ValueError(f'{path}: "layers" must be a list')
     for i, entry in enumerate(layers):
         ok = (
             isinstance(entry, dict)

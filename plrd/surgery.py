@@ -202,8 +202,7 @@ def decompose(
                 rank_before=spec.rank,
                 rank_after=spec.rank if new is None else new.rank,
                 params_before=spec.weight_params + bias,
-                params_after=(spec.weight_params if new is None else new.rank * spec.step)
-                + bias,
+                params_after=(spec.weight_params if new is None else new.rank * spec.step) + bias,
                 ridge=ridges.get(spec.name, 0.0),
             )
         )

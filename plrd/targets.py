@@ -11,18 +11,19 @@ Default targets: every linear layer except output heads and anything tied to an 
 (``lm_head``, the module returned by ``get_output_embeddings()``, any layer whose weight shares
 storage with an ``nn.Embedding`` weight).
 
-Patterns (``targets`` / ``exclude``): a string or a list of strings (any-of). A string that looks
-like a regular expression (contains one of ``\\ ^ $ ( ) { } + |`` or ``.*``) is matched with
-``re.fullmatch``; otherwise it is an ``fnmatch`` glob. Either way it is tried against the
-qualified module name and against each of its dotted suffixes, so ``"q_proj"``,
-``"self_attn.*"`` and ``r".*\\.(q|v)_proj"`` all select ``model.layers.0.self_attn.q_proj``.
+Patterns (``targets`` / ``exclude``): a string or a list of strings (any-of). A string with a
+character only regular expressions use (``\\ ^ $ ( ) { } + |``) is matched with
+``re.fullmatch``; otherwise it is an ``fnmatch`` glob, tried as a regular expression instead
+when as a glob it matches no layer. Either way it is tried against the qualified module name
+and against each of its dotted suffixes, so ``"q_proj"``, ``"self_attn.*"``, ``".*q_proj"``
+and ``r".*\\.(q|v)_proj"`` all select ``model.layers.0.self_attn.q_proj``.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -143,8 +144,9 @@ def _as_list(patterns: Patterns) -> list[str]:
 
 
 def looks_like_regex(pattern: str) -> bool:
-    """True when ``pattern`` is treated as a regular expression rather than a glob."""
-    return bool(_REGEX_CHARS & set(pattern)) or ".*" in pattern or ".+" in pattern
+    """True when ``pattern`` has a character only a regular expression uses (``\\ ^ $ ( ) { }
+    + |``)."""
+    return bool(_REGEX_CHARS & set(pattern))
 
 
 def _suffixes(name: str) -> list[str]:
@@ -152,15 +154,40 @@ def _suffixes(name: str) -> list[str]:
     return [".".join(parts[i:]) for i in range(len(parts))]
 
 
+def _regex(pattern: str) -> Callable[[str], bool]:
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"invalid layer pattern {pattern!r}: {e}") from e
+    return lambda name: any(rx.fullmatch(s) for s in _suffixes(name))
+
+
+def _glob(pattern: str) -> Callable[[str], bool]:
+    return lambda name: any(fnmatch.fnmatchcase(s, pattern) for s in _suffixes(name))
+
+
+def pattern_matcher(pattern: str, names: Iterable[str]) -> Callable[[str], bool]:
+    """A predicate on qualified names for ``pattern`` (see the module docs).
+
+    Regex-only characters make it a regular expression; otherwise it is a glob, and a glob that
+    matches none of ``names`` is tried as a regular expression instead (so ``".*q_proj"``
+    works as intended while ``"layers.1.*"`` stays a glob and does not select layer 10).
+    """
+    if looks_like_regex(pattern):
+        return _regex(pattern)
+    glob = _glob(pattern)
+    names = list(names)
+    if any(glob(n) for n in names):
+        return glob
+    try:
+        return _regex(pattern)
+    except ValueError:
+        return glob
+
+
 def matches(name: str, pattern: str) -> bool:
     """Whether a qualified module name (or one of its dotted suffixes) matches ``pattern``."""
-    if looks_like_regex(pattern):
-        try:
-            rx = re.compile(pattern)
-        except re.error as e:
-            raise ValueError(f"invalid layer pattern {pattern!r}: {e}") from e
-        return any(rx.fullmatch(s) for s in _suffixes(name))
-    return any(fnmatch.fnmatchcase(s, pattern) for s in _suffixes(name))
+    return pattern_matcher(pattern, [name])(name)
 
 
 def _preview(names: Iterable[str], limit: int = 8) -> str:
@@ -200,14 +227,16 @@ def find_targets(
                 and (m.weight.data_ptr(), tuple(m.weight.shape)) in emb
             )
         }
-        for p in target_list:
-            if not any(matches(n, p) for n in eligible):
+        keep = [pattern_matcher(p, eligible) for p in target_list]
+        for p, match in zip(target_list, keep, strict=True):
+            if not any(match(n) for n in eligible):
                 raise ValueError(
                     f"target pattern {p!r} matches no linear layer of {type(model).__name__}; "
                     f"available layers: {_preview(eligible)}"
                 )
-        chosen = {n: m for n, m in eligible.items() if any(matches(n, p) for p in target_list)}
-    chosen = {n: m for n, m in chosen.items() if not any(matches(n, p) for p in exclude_list)}
+        chosen = {n: m for n, m in eligible.items() if any(match(n) for match in keep)}
+    drop = [pattern_matcher(p, layers) for p in exclude_list]
+    chosen = {n: m for n, m in chosen.items() if not any(match(n) for match in drop)}
     if not chosen:
         raise ValueError(
             f"no layer left to decompose in {type(model).__name__} after targets={targets!r}, "

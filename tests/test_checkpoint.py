@@ -1,0 +1,167 @@
+"""save/load: identical outputs, tied weights stay tied, mismatched checkpoints refused."""
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_MODELS, tiny_gpt2, tiny_llama, token_batches
+from safetensors import safe_open
+from torch import nn
+
+import plrd
+from plrd.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(batch).logits
+
+
+def _decomposed(build, keep=0.6):
+    model = build()
+    plrd.decompose(model, keep, method="svd", progress=False)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_round_trip_gives_identical_outputs(arch, tmp_path):
+    build = TINY_MODELS[arch]
+    model = _decomposed(build)
+    batch = token_batches(count=1)[0]
+    expected = _logits(model, batch)
+    plrd.save(model, tmp_path / "ckpt")
+
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [WEIGHTS_NAME, MANIFEST_NAME]
+    info = json.loads((tmp_path / "ckpt" / MANIFEST_NAME).read_text())
+    assert info["format"] == "plrd" and info["format_version"] == 1
+    assert info["num_parameters"] == plrd.count_parameters(model)
+    assert info["dtype"] == "float32"
+    recorded = {e["name"]: e for e in info["layers"]}
+    for name, module in model.named_modules():
+        if isinstance(module, plrd.LowRankLinear):
+            assert recorded.pop(name) == {
+                "name": name,
+                "in": module.in_features,
+                "out": module.out_features,
+                "rank": module.rank,
+                "bias": module.bias is not None,
+            }
+    assert not recorded
+
+    fresh = build()
+    assert plrd.load(tmp_path / "ckpt", fresh) is fresh
+    assert torch.equal(_logits(fresh, batch), expected)
+    assert plrd.count_parameters(fresh) == plrd.count_parameters(model)
+
+
+def test_tied_weights_stored_once_and_still_tied(tmp_path):
+    model = _decomposed(tiny_llama)
+    plrd.save(model, tmp_path)
+    with safe_open(str(tmp_path / WEIGHTS_NAME), framework="pt") as f:
+        keys = set(f.keys())
+    assert ("lm_head.weight" in keys) != ("model.embed_tokens.weight" in keys)
+    fresh = tiny_llama()
+    with torch.no_grad():
+        fresh.model.embed_tokens.weight.zero_()
+    plrd.load(tmp_path, fresh)
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+    # still tied in training: one update moves both
+    with torch.no_grad():
+        fresh.model.embed_tokens.weight.add_(1.0)
+    assert torch.equal(fresh.lm_head.weight, fresh.model.embed_tokens.weight)
+
+
+def test_dense_model_round_trip_and_overwrite(tmp_path):
+    model = tiny_gpt2()
+    plrd.save(model, tmp_path)
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["layers"] == []
+    plrd.decompose(model, 0.7, method="svd", progress=False)
+    plrd.save(model, tmp_path)  # overwrite in place, no temporaries left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [WEIGHTS_NAME, MANIFEST_NAME]
+    fresh = tiny_gpt2()
+    plrd.load(tmp_path, fresh)
+    batch = token_batches(count=1)[0]
+    assert torch.equal(_logits(fresh, batch), _logits(model, batch))
+
+
+def test_keeps_device_dtype_and_training_mode(tmp_path):
+    model = _decomposed(tiny_llama)
+    plrd.save(model, tmp_path)
+    fresh = tiny_llama().double().train()
+    plrd.load(tmp_path, fresh)
+    layer = fresh.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, plrd.LowRankLinear)
+    assert layer.up.dtype == torch.float64 and layer.training and layer.up.requires_grad
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, state):
+    now = model.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+
+
+def test_other_architecture_refused(tmp_path):
+    plrd.save(_decomposed(tiny_llama), tmp_path)
+    model = tiny_gpt2()
+    state = _state(model)
+    with pytest.raises(ValueError, match=rf"{MANIFEST_NAME}: layer 'model\.layers\.0.*does not"):
+        plrd.load(tmp_path, model)
+    assert _unchanged(model, state)
+
+
+def _edit_manifest(path, edit):
+    info = json.loads((path / MANIFEST_NAME).read_text())
+    edit(info)
+    (path / MANIFEST_NAME).write_text(json.dumps(info))
+
+
+def test_manifest_shape_and_bias_mismatch_refused(tmp_path):
+    plrd.save(_decomposed(tiny_llama), tmp_path)
+    _edit_manifest(tmp_path, lambda info: info["layers"][0].update({"in": 65}))
+    with pytest.raises(ValueError, match=r"plrd\.json: layer 'model.*recorded as 64x65"):
+        plrd.load(tmp_path, tiny_llama())
+    _edit_manifest(tmp_path, lambda info: info["layers"][0].update({"in": 64, "bias": True}))
+    with pytest.raises(ValueError, match="recorded with bias=True"):
+        plrd.load(tmp_path, tiny_llama())
+
+
+def test_rank_mismatch_with_weights_refused_and_model_untouched(tmp_path):
+    plrd.save(_decomposed(tiny_llama), tmp_path)
+    _edit_manifest(tmp_path, lambda info: info["layers"][0].update({"rank": 3}))
+    model = tiny_llama()
+    state = _state(model)
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME}: tensor '.*q_proj\.(up|down)'.*shape"):
+        plrd.load(tmp_path, model)
+    assert _unchanged(model, state)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
+
+
+def test_already_factored_model_refused(tmp_path):
+    saved = tiny_llama()
+    plrd.decompose(saved, 0.9, targets="self_attn.*", method="svd", progress=False)
+    plrd.save(saved, tmp_path)
+    model = tiny_llama()
+    plrd.decompose(model, 0.9, targets="mlp.*", method="svd", progress=False)
+    unrecorded = r"factored layer\(s\) not recorded.*'model\.layers\.0\.mlp"
+    with pytest.raises(ValueError, match=unrecorded):
+        plrd.load(tmp_path, model)
+
+
+def test_missing_or_corrupt_files_refused(tmp_path):
+    with pytest.raises(ValueError, match=rf"{MANIFEST_NAME} not found"):
+        plrd.load(tmp_path, tiny_llama())
+    plrd.save(_decomposed(tiny_llama), tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match=rf"{MANIFEST_NAME}: cannot be read as JSON"):
+        plrd.load(tmp_path, tiny_llama())
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format": "plrd", "format_version": 99}))
+    with pytest.raises(ValueError, match="format_version 99"):
+        plrd.load(tmp_path, tiny_llama())
+    plrd.save(_decomposed(tiny_llama), tmp_path)
+    (tmp_path / WEIGHTS_NAME).write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME}: cannot be read as safetensors"):
+        plrd.load(tmp_path, tiny_llama())

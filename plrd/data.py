@@ -1,0 +1,309 @@
+"""Corpus reading, tokenizing, packing and the train / held-out split.
+
+Documents come from files (``.txt``, ``.md``: the file split into paragraph groups of about
+``doc_chars`` characters; ``.jsonl``: one document per line's ``text`` field), folders (searched
+recursively for those suffixes) or glob patterns. Without paths, the default corpus is text that
+ships with Python: the ``pydoc_data.topics`` help pages (79 documents, ~465K characters).
+
+The split is by DOCUMENT and does not depend on the seed: documents are ordered by the SHA-256
+of their text and taken into the held-out set until it holds ``held_out_fraction`` of all
+tokens. Each side is tokenized, joined with the EOS token between documents, and packed into
+non-overlapping blocks of ``block_size`` tokens (the tail shorter than a block is dropped).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIXES = (".jsonl",)
+SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
+DEFAULT_DOC_CHARS = 4000
+
+
+def default_documents() -> list[str]:
+    """The default corpus: the ``pydoc_data.topics`` help pages shipped with Python."""
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics) if topics[key].strip()]
+
+
+def expand_paths(paths: Sequence[str]) -> list[Path]:
+    """Files named by ``paths`` (files, folders searched recursively, glob patterns), sorted.
+
+    Raises ValueError naming the first path that matches nothing or has an unknown suffix.
+    """
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if any(ch in raw for ch in "*?["):
+            matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(raw), recursive=True))]
+            found = [m for m in matches if m.is_file() and m.suffix.lower() in SUFFIXES]
+            if not found:
+                raise ValueError(
+                    f"data pattern {raw} matches no {'/'.join(SUFFIXES)} file; check the pattern"
+                )
+            files.extend(found)
+        elif path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
+            )
+            if not found:
+                raise ValueError(f"data folder {raw} holds no {'/'.join(SUFFIXES)} file")
+            files.extend(found)
+        elif path.is_file():
+            if path.suffix.lower() not in SUFFIXES:
+                raise ValueError(
+                    f"data file {raw} has suffix '{path.suffix}'; supported: {', '.join(SUFFIXES)}"
+                )
+            files.append(path)
+        else:
+            raise ValueError(f"data path {raw} does not exist")
+    seen: set[Path] = set()
+    unique = []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def split_paragraphs(text: str, doc_chars: int = DEFAULT_DOC_CHARS) -> list[str]:
+    """Cut ``text`` at blank lines into consecutive pieces of at least ``doc_chars`` characters.
+
+    The last piece takes any remainder shorter than ``doc_chars``; empty text gives no piece.
+    """
+    paragraphs = [p for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+    docs: list[str] = []
+    current: list[str] = []
+    size = 0
+    for p in paragraphs:
+        current.append(p)
+        size += len(p) + 2
+        if size >= doc_chars:
+            docs.append("\n\n".join(current))
+            current, size = [], 0
+    if current:
+        if docs and size < doc_chars // 2:
+            docs[-1] = docs[-1] + "\n\n" + "\n\n".join(current)
+        else:
+            docs.append("\n\n".join(current))
+    return docs
+
+
+def read_documents(files: Iterable[Path], doc_chars: int = DEFAULT_DOC_CHARS) -> list[str]:
+    """The documents in ``files`` (see the module docstring for how each suffix is read)."""
+    docs: list[str] = []
+    for f in files:
+        if f.suffix.lower() in JSONL_SUFFIXES:
+            with open(f, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{f}:{lineno} is not valid JSON ({err.msg})") from None
+                    text = record.get("text") if isinstance(record, dict) else None
+                    if not isinstance(text, str):
+                        raise ValueError(f"{f}:{lineno} has no string 'text' field")
+                    if text.strip():
+                        docs.append(text)
+        else:
+            text = f.read_text(encoding="utf-8", errors="replace")
+            docs.extend(split_paragraphs(text, doc_chars))
+    return docs
+
+
+def load_documents(paths: Sequence[str] | None, doc_chars: int = DEFAULT_DOC_CHARS) -> list[str]:
+    """Documents from ``paths``, or the default corpus when ``paths`` is empty or None."""
+    if not paths:
+        return default_documents()
+    files = expand_paths(paths)
+    docs = read_documents(files, doc_chars)
+    if not docs:
+        raise ValueError(f"the corpus is empty: no text in {', '.join(map(str, files))}")
+    return docs
+
+
+def document_key(text: str) -> str:
+    """Seed-independent sort key of a document (SHA-256 of its UTF-8 text)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tokenize_documents(docs: Sequence[str], tokenizer: Any) -> list[list[int]]:
+    """Token ids of each document, without special tokens."""
+    if not docs:
+        return []
+    encoded = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
+    return [list(ids) for ids in encoded]
+
+
+def separator_id(tokenizer: Any) -> int:
+    """The token placed between packed documents: EOS, else BOS, else pad."""
+    for attr in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    raise ValueError("the tokenizer defines no eos, bos or pad token to separate documents")
+
+
+def pack(token_lists: Sequence[Sequence[int]], block_size: int, sep: int) -> Tensor:
+    """Join documents (``sep`` after each), cut into blocks: LongTensor [N, block_size]."""
+    flat: list[int] = []
+    for ids in token_lists:
+        flat.extend(ids)
+        flat.append(sep)
+    n = len(flat) // block_size
+    return torch.tensor(flat[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+@dataclass
+class Corpus:
+    """A tokenized corpus split by document: ``train`` [N, T] and ``held_out`` [M, T] blocks."""
+
+    train: Tensor
+    held_out: Tensor
+    train_docs: int
+    held_out_docs: int
+    train_tokens: int
+    held_out_tokens: int
+    fingerprint: str
+
+    @property
+    def block_size(self) -> int:
+        return int(self.train.shape[1])
+
+    def eval_blocks(self, max_tokens: int | None) -> Tensor:
+        """The first held-out blocks, at most ``max_tokens`` tokens (all when None)."""
+        if max_tokens is None:
+            return self.held_out
+        n = max(1, min(len(self.held_out), max_tokens // self.block_size))
+        return self.held_out[:n]
+
+    def calibration_blocks(self, max_tokens: int, seed: int = 0) -> Tensor:
+        """``max_tokens // T`` training blocks (at least one) picked by a seeded permutation."""
+        n = max(1, min(len(self.train), max_tokens // self.block_size))
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(self.train), generator=gen)[:n]
+        return self.train[idx.sort().values]
+
+    def summary(self) -> str:
+        return (
+            f"{self.train_docs} training documents ({self.train_tokens:,} tokens, "
+            f"{len(self.train)} blocks of {self.block_size}); {self.held_out_docs} held-out "
+            f"documents ({self.held_out_tokens:,} tokens, {len(self.held_out)} blocks)"
+        )
+
+
+def build_corpus(
+    docs: Sequence[str],
+    tokenizer: Any,
+    block_size: int,
+    held_out_fraction: float = 0.1,
+) -> Corpus:
+    """Tokenize ``docs``, split them into train / held-out documents, pack each side.
+
+    Raises ValueError when a side would hold less than one block.
+    """
+    if block_size < 2:
+        raise ValueError(f"block size must be at least 2 tokens, got {block_size}")
+    if not 0.0 < held_out_fraction < 1.0:
+        raise ValueError(f"held-out fraction must be in (0, 1), got {held_out_fraction}")
+    if not docs:
+        raise ValueError("the corpus is empty: no documents")
+    order = sorted(range(len(docs)), key=lambda i: document_key(docs[i]))
+    ids = tokenize_documents([docs[i] for i in order], tokenizer)
+    lengths = [len(x) + 1 for x in ids]
+    total = sum(lengths)
+    if total < 2 * block_size:
+        raise ValueError(
+            f"the corpus has {total:,} tokens, fewer than two blocks of {block_size} "
+            "(one to train on, one held out); add text with --data or lower --seq-len"
+        )
+    target = max(block_size, int(held_out_fraction * total))
+    held, train = [], []
+    held_tokens = 0
+    for i, n in enumerate(lengths):
+        if held_tokens < target:
+            held.append(i)
+            held_tokens += n
+        else:
+            train.append(i)
+    if not train:
+        # one long document (or very few): keep the last one for training
+        train.append(held.pop())
+        held_tokens -= lengths[train[0]]
+    sep = separator_id(tokenizer)
+    train_blocks = pack([ids[i] for i in train], block_size, sep)
+    held_blocks = pack([ids[i] for i in held], block_size, sep)
+    if len(train_blocks) == 0 or len(held_blocks) == 0:
+        raise ValueError(
+            f"the corpus ({len(docs)} documents, {total:,} tokens) does not split into at least "
+            f"one training and one held-out block of {block_size} tokens; add documents with "
+            "--data or lower --seq-len"
+        )
+    digest = hashlib.sha256()
+    for i in order:
+        digest.update(document_key(docs[i]).encode())
+    return Corpus(
+        train=train_blocks,
+        held_out=held_blocks,
+        train_docs=len(train),
+        held_out_docs=len(held),
+        train_tokens=sum(lengths[i] for i in train),
+        held_out_tokens=held_tokens,
+        fingerprint=digest.hexdigest()[:16],
+    )
+
+
+class BlockStream:
+    """Batches of training blocks in a seeded order, one shuffled pass (epoch) after another.
+
+    The position ``(epoch, index)`` is the whole state, so a resumed run draws the same batches.
+    """
+
+    def __init__(self, blocks: Tensor, batch_size: int, seed: int) -> None:
+        if len(blocks) == 0:
+            raise ValueError("no training blocks to draw batches from")
+        self.blocks = blocks
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.index = 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.blocks), generator=gen)
+
+    def next_batch(self) -> Tensor:
+        """The next ``batch_size`` blocks [B, T], wrapping into a new epoch when needed."""
+        rows = []
+        while len(rows) < self.batch_size:
+            if self.index >= len(self._perm):
+                self.epoch += 1
+                self.index = 0
+                self._perm = self._permutation(self.epoch)
+            rows.append(int(self._perm[self.index]))
+            self.index += 1
+        return self.blocks[rows]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.index = int(state["index"])
+        self._perm = self._permutation(self.epoch)

@@ -1,0 +1,473 @@
+"""The progressive schedule: parent → size s₁ → train → s₂ → train → … , every stage saved.
+
+For each size s (a fraction of the PARENT's parameter count P):
+  1. Grams Σ xᵀx of every targeted layer's inputs on calibration blocks of the current model;
+  2. ``decompose`` in place to keep = s·P / params(current)  (whitened or plain SVD,
+     uniform or global rank allocation);
+  3. held-out perplexity (zero-shot);  4. train ``tokens_per_stage`` tokens;
+  5. held-out perplexity and forward tokens/s;  6. save the member; the next size starts from it.
+
+Layout of ``out``::
+
+    family.json            recipe, corpus, parent, and one entry per finished member
+    family.png             params vs held-out perplexity (zero-shot and trained, parent marked)
+    members/size-0.90/     a member: plrd.save weights + plrd.json, HF config, tokenizer
+    stages/size-0.90/      stage.json (decomposition results), train.jsonl, checkpoint/
+
+Resume: a member is finished once its entry is in family.json; that entry is written last,
+after the member directory is complete (the directory is written under a temporary name and
+renamed). Running the same command again skips finished members and continues an interrupted
+stage from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from plrd.atomic import read_json, remove_stale_temporaries, write_json, write_text
+from plrd.data import Corpus, build_corpus, load_documents
+from plrd.evaluate import EvalResult, evaluate
+from plrd.train import OBJECTIVES, TrainConfig, checkpoint_dir, has_checkpoint, train_stage
+
+MANIFEST = "family.json"
+PLOT = "family.png"
+METHODS = ("whiten", "svd")
+ALLOCATIONS = ("uniform", "global")
+DEFAULT_SIZES = (0.9, 0.8, 0.7)
+DEFAULT_TOKENS_PER_STAGE = 16384
+FORMAT_VERSION = 1
+
+# Settings that must match to resume or extend a family in the same directory.
+RECIPE_KEYS = (
+    "model",
+    "tokens_per_stage",
+    "objective",
+    "method",
+    "allocation",
+    "seed",
+    "seq_len",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "warmup",
+    "calib_tokens",
+    "eval_tokens",
+    "held_out_fraction",
+)
+
+
+@dataclass
+class FamilyConfig:
+    """Everything ``plrd family`` needs; the CLI flags map one to one onto these fields."""
+
+    model: str = "smollm2-135m"
+    sizes: tuple[float, ...] = DEFAULT_SIZES
+    tokens_per_stage: int = DEFAULT_TOKENS_PER_STAGE
+    data: tuple[str, ...] = ()
+    out: str = "family"
+    objective: str = "lm+kd"
+    method: str = "whiten"
+    allocation: str = "uniform"
+    device: str = "auto"
+    seed: int = 0
+    seq_len: int = 256
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-4
+    warmup: float = 0.1
+    calib_tokens: int = 4096
+    eval_tokens: int = 4096
+    eval_batch_size: int = 8
+    held_out_fraction: float = 0.1
+    checkpoint_every: int = 10
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise ValueError on settings that cannot work, before any model is loaded."""
+        check_sizes(self.sizes)
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}")
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"--allocation must be one of {', '.join(ALLOCATIONS)}")
+        positive = {
+            "--tokens-per-stage": self.tokens_per_stage + 1,
+            "--seq-len": self.seq_len - 1,
+            "--batch-size": self.batch_size,
+            "--grad-accum": self.grad_accum,
+            "--calib-tokens": self.calib_tokens,
+            "--eval-tokens": self.eval_tokens,
+        }
+        for flag, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{flag} is too small ({getattr(self, _attr(flag))})")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(
+                f"--warmup is a fraction of the stage's steps in [0, 1), got {self.warmup}"
+            )
+        if not 0 < self.held_out_fraction < 1:
+            raise ValueError(f"--held-out-fraction must be in (0, 1), got {self.held_out_fraction}")
+
+    def recipe(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: d[k] for k in RECIPE_KEYS} | {"data": list(self.data)}
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            tokens=self.tokens_per_stage,
+            batch_size=self.batch_size,
+            grad_accum=self.grad_accum,
+            lr=self.lr,
+            warmup=self.warmup,
+            objective=self.objective,
+            checkpoint_every=self.checkpoint_every,
+            seed=self.seed,
+            progress=self.progress,
+        )
+
+
+def _attr(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def check_sizes(sizes: Sequence[float]) -> None:
+    """Sizes must be non-empty, each in (0, 1), strictly decreasing."""
+    if not sizes:
+        raise ValueError("--sizes needs at least one fraction, e.g. --sizes 0.9,0.8,0.7")
+    for s in sizes:
+        if not 0.0 < s < 1.0:
+            raise ValueError(
+                f"--sizes: {s:g} is not in (0, 1); sizes are fractions of the parent's parameters"
+            )
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        if not b < a:
+            raise ValueError(f"--sizes must strictly decrease, but {b:g} follows {a:g}")
+
+
+def size_key(size: float) -> str:
+    """Directory name of the member of ``size``: ``size-0.90``."""
+    text = f"{size:.4f}".rstrip("0")
+    if len(text.split(".")[1]) < 2:
+        text = f"{size:.2f}"
+    return f"size-{text}"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"--device {device!r} is not a torch device (auto, cpu, cuda, cuda:0)"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {device}: CUDA is not available on this machine; use cpu or auto"
+        )
+    return dev
+
+
+def format_params(n: int) -> str:
+    return f"{n / 1e6:.1f}M"
+
+
+def format_table(manifest: dict) -> str:
+    """The family as a text table: one row for the parent, one per finished member."""
+    parent = manifest["parent"]
+    rows = [
+        (
+            "member",
+            "params",
+            "% parent",
+            "tokens",
+            "zero-shot ppl",
+            "held-out ppl",
+            "tok/s",
+            "seconds",
+        )
+    ]
+    rows.append(
+        (
+            f"parent ({parent['name']})",
+            format_params(parent["params"]),
+            "100.0",
+            "-",
+            "-",
+            f"{parent['held_out_ppl']:.2f}",
+            f"{parent['tokens_per_s']:.0f}",
+            "-",
+        )
+    )
+    for m in manifest["members"]:
+        rows.append(
+            (
+                m["path"],
+                format_params(m["params"]),
+                f"{100 * m['params'] / parent['params']:.1f}",
+                f"{m['tokens']:,}",
+                f"{m['zero_shot_ppl']:.2f}",
+                f"{m['held_out_ppl']:.2f}",
+                f"{m['tokens_per_s']:.0f}",
+                f"{m['seconds']:.0f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, r in enumerate(rows):
+        cells = [r[0].ljust(widths[0])]
+        cells += [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
+        lines.append("  ".join(cells))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _corpus_info(corpus: Corpus, eval_blocks: torch.Tensor, calib_blocks: torch.Tensor) -> dict:
+    return {
+        "fingerprint": corpus.fingerprint,
+        "block_size": corpus.block_size,
+        "train_documents": corpus.train_docs,
+        "train_tokens": corpus.train_tokens,
+        "held_out_documents": corpus.held_out_docs,
+        "held_out_tokens": corpus.held_out_tokens,
+        "eval_tokens": int(eval_blocks.numel()),
+        "calibration_tokens": int(calib_blocks.numel()),
+    }
+
+
+def _check_resumable(manifest: dict, cfg: FamilyConfig, corpus: Corpus) -> None:
+    old = manifest.get("config", {})
+    new = cfg.recipe()
+    diff = [k for k in new if k in old and old[k] != new[k]]
+    if manifest.get("corpus", {}).get("fingerprint") != corpus.fingerprint:
+        diff.append("data (the corpus text changed)")
+    if diff:
+        raise ValueError(
+            f"{cfg.out} holds a family built with other settings ({', '.join(diff)}); "
+            "rerun with the same settings to resume, or pass a new --out"
+        )
+    done = [m["size"] for m in manifest.get("members", [])]
+    if list(cfg.sizes[: len(done)]) != done:
+        raise ValueError(
+            f"{cfg.out} already holds members of sizes {','.join(f'{s:g}' for s in done)}; "
+            "--sizes must start with them to resume, or pass a new --out"
+        )
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def grams_and_decompose(
+    model: torch.nn.Module,
+    keep: float,
+    calib: torch.Tensor,
+    method: str = "whiten",
+    allocation: str = "uniform",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> Any:
+    """Grams on ``calib`` blocks [N, T] (whiten only), then ``plrd.decompose`` in place."""
+    from plrd.calibrate import collect_grams
+    from plrd.surgery import decompose
+
+    grams = None
+    if method == "whiten":
+        grams = collect_grams(model, calib.split(batch_size), progress=progress)
+    return decompose(
+        model, keep, grams=grams, allocation=allocation, method=method, progress=progress
+    )
+
+
+def _plot(manifest: dict, out: Path) -> None:
+    try:
+        from plrd.plot import plot_family
+
+        plot_family(manifest, out / PLOT)
+    except ImportError as err:  # matplotlib missing: the family itself is complete
+        _say(f"family.png not written ({err}); install matplotlib to get the plot")
+
+
+def build_family(
+    cfg: FamilyConfig,
+    on_step: Callable[[int], None] | None = None,
+    say: Callable[[str], None] = _say,
+) -> dict:
+    """Build (or resume) the family described by ``cfg``; return the manifest (family.json)."""
+    from plrd.counting import count_parameters
+    from plrd.models import (
+        _empty_model,
+        load_model,
+        load_pretrained,
+        load_tokenizer,
+        save_member,
+    )
+
+    cfg.validate()
+    out = Path(cfg.out)
+    documents = load_documents(cfg.data)
+    device = resolve_device(cfg.device)
+    tokenizer = load_tokenizer(cfg.model)
+    corpus = build_corpus(documents, tokenizer, cfg.seq_len, cfg.held_out_fraction)
+    manifest_path = out / MANIFEST
+    manifest = read_json(manifest_path) if manifest_path.is_file() else None
+    if manifest is not None:
+        _check_resumable(manifest, cfg, corpus)
+    out.mkdir(parents=True, exist_ok=True)
+    for d in (out, out / "members", out / "stages"):
+        remove_stale_temporaries(d)
+
+    torch.manual_seed(cfg.seed)
+    eval_blocks = corpus.eval_blocks(cfg.eval_tokens)
+    calib_blocks = corpus.calibration_blocks(cfg.calib_tokens, seed=cfg.seed)
+    say(f"corpus: {corpus.summary()}")
+    parent, _, _ = load_model(cfg.model, device)
+    for p in parent.parameters():
+        p.requires_grad_(False)
+    parent_params = count_parameters(parent)
+
+    if manifest is None:
+        say(f"parent {cfg.model}: {format_params(parent_params)} parameters; held-out eval ...")
+        ev = evaluate(parent, eval_blocks, cfg.eval_batch_size)
+        manifest = {
+            "format": FORMAT_VERSION,
+            "config": cfg.recipe() | {"sizes": list(cfg.sizes)},
+            "corpus": _corpus_info(corpus, eval_blocks, calib_blocks),
+            "throughput": (
+                f"tokens_per_s: forward tokens per second over the held-out blocks "
+                f"(batch {cfg.eval_batch_size} x {cfg.seq_len} tokens) on {device.type}"
+            ),
+            "parent": {
+                "name": cfg.model,
+                "params": parent_params,
+                "held_out_ppl": ev.ppl,
+                "tokens_per_s": ev.tokens_per_s,
+            },
+            "members": [],
+        }
+        write_json(manifest_path, manifest)
+    else:
+        manifest["config"]["sizes"] = list(cfg.sizes)
+    say(f"parent: held-out ppl {manifest['parent']['held_out_ppl']:.2f}")
+
+    teacher = parent if cfg.objective != "lm" else None
+    done = {m["size"]: m for m in manifest["members"]}
+    previous_dir: Path | None = None
+    current: torch.nn.Module | None = None
+    for size in cfg.sizes:
+        rel = f"members/{size_key(size)}"
+        member_dir = out / rel
+        stage_dir = out / "stages" / size_key(size)
+        if size in done and (member_dir / "plrd.json").is_file():
+            say(f"{rel}: finished earlier, skipped")
+            previous_dir, current = member_dir, None
+            continue
+        if (member_dir / "member.json").is_file():  # saved, but the manifest entry is missing
+            entry = read_json(member_dir / "member.json")
+            manifest["members"].append(entry)
+            write_json(manifest_path, manifest)
+            say(f"{rel}: finished earlier, recorded")
+            previous_dir, current = member_dir, None
+            continue
+
+        started = time.perf_counter()
+        stage_file = stage_dir / "stage.json"
+        if has_checkpoint(stage_dir) and stage_file.is_file():
+            from plrd.checkpoint import load
+
+            stage = read_json(stage_file)
+            model = _empty_model(parent.config)
+            model = load(checkpoint_dir(stage_dir), model) or model
+            model.to(device)
+            say(f"{rel}: resuming the interrupted stage from its last checkpoint")
+        else:
+            if current is not None:
+                model = current
+            elif previous_dir is not None:
+                model = load_pretrained(previous_dir, device)
+            else:
+                model = copy.deepcopy(parent)
+            for p in model.parameters():
+                p.requires_grad_(True)
+            params_now = count_parameters(model)
+            keep = size * parent_params / params_now
+            say(
+                f"{rel}: decomposing {format_params(params_now)} -> "
+                f"{format_params(int(size * parent_params))} (keep {keep:.3f}, {cfg.method}, "
+                f"{cfg.allocation})"
+            )
+            if stage_dir.exists():
+                shutil.rmtree(stage_dir)
+            stage_dir.mkdir(parents=True)
+            report = grams_and_decompose(
+                model,
+                keep,
+                calib_blocks,
+                cfg.method,
+                cfg.allocation,
+                cfg.eval_batch_size,
+                cfg.progress,
+            )
+            write_text(stage_dir / "decompose.txt", f"{report}\n")
+            zero = evaluate(model, eval_blocks, cfg.eval_batch_size)
+            stage = {
+                "size": size,
+                "keep": keep,
+                "params": count_parameters(model),
+                "zero_shot_ppl": zero.ppl,
+                "prep_seconds": time.perf_counter() - started,
+            }
+            write_json(stage_file, stage)
+            say(f"{rel}: {format_params(stage['params'])} parameters, zero-shot ppl {zero.ppl:.2f}")
+        for p in model.parameters():
+            p.requires_grad_(True)
+        result = train_stage(
+            model, corpus.train, cfg.train_config(), stage_dir, teacher, on_step, desc=rel
+        )
+        post_start = time.perf_counter()
+        trained: EvalResult = evaluate(model, eval_blocks, cfg.eval_batch_size)
+        entry = {
+            "size": size,
+            "params": count_parameters(model),
+            "path": rel,
+            "tokens": result.tokens,
+            "zero_shot_ppl": stage["zero_shot_ppl"],
+            "held_out_ppl": trained.ppl,
+            "tokens_per_s": trained.tokens_per_s,
+            "seconds": 0.0,
+            "train_seconds": result.seconds,
+            "keep": stage["keep"],
+            "final_train_loss": result.final_loss,
+        }
+        entry["seconds"] = round(
+            stage["prep_seconds"] + result.seconds + (time.perf_counter() - post_start), 1
+        )
+        extra_files = {}
+        if (stage_dir / "decompose.txt").is_file():
+            extra_files["decompose.txt"] = (stage_dir / "decompose.txt").read_text()
+        save_member(model, tokenizer, member_dir, extra=entry, files=extra_files)
+        manifest["members"].append(entry)
+        write_json(manifest_path, manifest)  # the member is finished from here on
+        shutil.rmtree(checkpoint_dir(stage_dir), ignore_errors=True)
+        say(
+            f"{rel}: held-out ppl {stage['zero_shot_ppl']:.2f} -> {trained.ppl:.2f} after "
+            f"{result.tokens:,} tokens; {trained.tokens_per_s:.0f} tok/s"
+        )
+        _plot(manifest, out)
+        previous_dir, current = member_dir, model
+
+    _plot(manifest, out)
+    return manifest

@@ -1,0 +1,316 @@
+"""The training loop of one family stage: AdamW, linear warmup + cosine decay, gradient clipping
+and accumulation, a token budget, bf16 autocast on CUDA, resumable checkpoints.
+
+Objectives (per predicted token, averaged):
+  lm      cross-entropy of the next token, −log p_s(x[t+1] | x[≤t])
+  kd      τ² · KL(p_t^τ ‖ p_s^τ) to the teacher (the parent), softmax at temperature τ
+  lm+kd   (1 − α)·lm + α·kd
+
+A checkpoint (``<work_dir>/checkpoint``) holds the model (``plrd.save`` format: the factored
+layers are rebuilt by ``plrd.load``), the optimizer, the scheduler, the data position, the RNG
+states and the step; it is written atomically every ``checkpoint_every`` steps and at the end.
+Each step appends a JSON line to ``<work_dir>/train.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from plrd.atomic import atomic_dir, write_text
+from plrd.data import BlockStream
+from plrd.evaluate import autocast_for, model_device, next_token_nll
+
+OBJECTIVES = ("lm", "kd", "lm+kd")
+CHECKPOINT = "checkpoint"
+LOG = "train.jsonl"
+STATE = "train_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one stage. ``tokens`` is the budget; steps = ⌈tokens / (B·T·accum)⌉."""
+
+    tokens: int
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    objective: str = "lm+kd"
+    kd_alpha: float = 0.5
+    kd_temperature: float = 1.0
+    checkpoint_every: int = 10
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(
+                f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"
+            )
+        if self.tokens < 0:
+            raise ValueError(f"token budget must be >= 0, got {self.tokens}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError(
+                f"batch size and grad accumulation must be >= 1, got {self.batch_size}, "
+                f"{self.grad_accum}"
+            )
+
+    def steps(self, block_size: int) -> int:
+        per_step = self.batch_size * self.grad_accum * block_size
+        return math.ceil(self.tokens / per_step) if self.tokens > 0 else 0
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    final_loss: float | None
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Multiplier of the peak LR at ``step`` (0-based): linear warmup, then cosine to min_ratio."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """τ² · mean over tokens of KL(softmax(t/τ) ‖ softmax(s/τ)); logits [B, T, V]."""
+    v = student_logits.shape[-1]
+    s = F.log_softmax(student_logits.float().reshape(-1, v) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float().reshape(-1, v) / temperature, dim=-1)
+    kl = F.kl_div(s, t, log_target=True, reduction="batchmean")
+    return kl * temperature**2
+
+
+def objective_loss(
+    logits: Tensor,
+    input_ids: Tensor,
+    cfg: TrainConfig,
+    teacher_logits: Tensor | None,
+) -> tuple[Tensor, dict[str, float]]:
+    """The loss of ``cfg.objective`` and its parts (floats) for logging."""
+    parts: dict[str, float] = {}
+    lm = kd = None
+    if cfg.objective in ("lm", "lm+kd"):
+        lm = next_token_nll(logits, input_ids, reduction="mean")
+        parts["lm"] = float(lm.detach())
+    if cfg.objective in ("kd", "lm+kd"):
+        if teacher_logits is None:
+            raise ValueError(f"objective {cfg.objective!r} needs a teacher model")
+        kd = kd_loss(logits, teacher_logits, cfg.kd_temperature)
+        parts["kd"] = float(kd.detach())
+    if lm is not None and kd is not None:
+        loss = (1.0 - cfg.kd_alpha) * lm + cfg.kd_alpha * kd
+    else:
+        loss = lm if lm is not None else kd
+    return loss, parts
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def checkpoint_dir(work_dir: str | Path) -> Path:
+    return Path(work_dir) / CHECKPOINT
+
+
+def has_checkpoint(work_dir: str | Path) -> bool:
+    return (checkpoint_dir(work_dir) / STATE).is_file()
+
+
+def _rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(work_dir: Path, model: torch.nn.Module, state: dict) -> None:
+    """Write model (``plrd.save``) + training state into ``work_dir/checkpoint`` atomically."""
+    from plrd.checkpoint import save
+
+    with atomic_dir(checkpoint_dir(work_dir)) as tmp:
+        save(model, tmp)
+        torch.save(state, tmp / STATE)
+
+
+def _trim_log(log_path: Path, step: int) -> None:
+    """Drop log lines of steps after ``step`` (they are redone after a resume)."""
+    if not log_path.is_file():
+        return
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            break
+    write_text(log_path, "".join(k + "\n" for k in kept))
+
+
+def train_stage(
+    model: torch.nn.Module,
+    blocks: Tensor,
+    cfg: TrainConfig,
+    work_dir: str | Path,
+    teacher: torch.nn.Module | None = None,
+    on_step: Callable[[int], None] | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` in place on ``blocks`` [N, T] for ``cfg.tokens`` tokens.
+
+    If ``work_dir`` holds a checkpoint, the optimizer, scheduler, data position, RNG and step are
+    restored from it; the caller must have loaded the checkpoint's model weights into ``model``
+    (``plrd.load(checkpoint_dir(work_dir), model)``). ``on_step(step)`` runs after each
+    optimizer step and checkpoint.
+    """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    block_size = int(blocks.shape[1])
+    total = cfg.steps(block_size)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * block_size
+    device = model_device(model)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8
+    )
+    warmup = min(total, max(1, round(cfg.warmup * total))) if cfg.warmup > 0 else 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio)
+    )
+    stream = BlockStream(blocks, cfg.batch_size, cfg.seed)
+    step, elapsed, last_loss = 0, 0.0, None
+    log_path = work_dir / LOG
+
+    if has_checkpoint(work_dir):
+        state = torch.load(checkpoint_dir(work_dir) / STATE, weights_only=False)
+        if state["total_steps"] != total or state["tokens_per_step"] != tokens_per_step:
+            raise ValueError(
+                f"the checkpoint in {checkpoint_dir(work_dir)} was made for {state['total_steps']}"
+                f" steps of {state['tokens_per_step']} tokens, this run asks for {total} steps of "
+                f"{tokens_per_step}; rerun with the original settings or delete {work_dir}"
+            )
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        stream.load_state_dict(state["stream"])
+        _set_rng_state(state["rng"])
+        step, elapsed, last_loss = state["step"], state["elapsed"], state["last_loss"]
+        _trim_log(log_path, step)
+
+    def snapshot() -> dict:
+        return {
+            "step": step,
+            "total_steps": total,
+            "tokens_per_step": tokens_per_step,
+            "elapsed": elapsed,
+            "last_loss": last_loss,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "stream": stream.state_dict(),
+            "rng": _rng_state(),
+            "config": asdict(cfg),
+        }
+
+    if step == 0 and not has_checkpoint(work_dir):
+        save_checkpoint(work_dir, model, snapshot())
+
+    bar = None
+    if cfg.progress and step < total:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True)
+
+    model.train()
+    if teacher is not None:
+        teacher.eval()
+    try:
+        while step < total:
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, parts_sum = 0.0, {}
+            for _ in range(cfg.grad_accum):
+                batch = stream.next_batch().to(device)
+                teacher_logits = None
+                if teacher is not None and cfg.objective != "lm":
+                    with torch.no_grad(), autocast_for(device):
+                        teacher_logits = teacher(input_ids=batch, use_cache=False).logits
+                with autocast_for(device):
+                    logits = model(input_ids=batch, use_cache=False).logits
+                loss, parts = objective_loss(logits, batch, cfg, teacher_logits)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += float(loss.detach()) / cfg.grad_accum
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
+                del logits, teacher_logits, loss
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            last_loss = loss_sum
+            record = {
+                "step": step,
+                "tokens": step * tokens_per_step,
+                "loss": round(loss_sum, 6),
+                **{k: round(v, 6) for k, v in parts_sum.items()},
+                "lr": lr,
+                "grad_norm": round(float(grad_norm), 4),
+                "tokens_per_s": round(tokens_per_step / dt, 2),
+                "elapsed": round(elapsed, 2),
+            }
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_step / dt:.0f}")
+                bar.update(1)
+            if step == total or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
+                save_checkpoint(work_dir, model, snapshot())
+            if on_step is not None:
+                on_step(step)
+    finally:
+        if bar is not None:
+            bar.close()
+    model.eval()
+    return TrainResult(
+        steps=total, tokens=total * tokens_per_step, seconds=elapsed, final_loss=last_loss
+    )

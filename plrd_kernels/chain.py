@@ -9,6 +9,10 @@ Forward: ``X = x, A = downᵀ, B = upᵀ`` and T is optionally written out (save
 Backward: ``X = dY, A = up, B = down`` gives ``T = dT = dY·up`` and ``Y = dX = dT·down``;
 dT is written out for d down. The transposes are strides, never copies.
 
+Ranks above ``MAX_CHUNK`` (512 for 16-bit inputs, 256 for fp32: what registers and shared
+memory hold) are cut into column chunks of A (rows of B): ``Y = Σ_c (X·A_c)·B_c``, one
+launch per chunk, Y accumulated in an fp32 buffer and rounded once by the last chunk.
+
 Reference: ``plrd_kernels.reference.lowrank_linear_reference``.
 """
 
@@ -23,32 +27,40 @@ from plrd_kernels.layout import m_bucket, new_buffer, padded_rank, row_layout
 from plrd_kernels.tuning import autotune, config, dot_precision, launch, num_sms
 
 # Block sizes by padded rank RP: the T accumulator is BLOCK_M × RP fp32 in registers and the
-# B tile RP × BLOCK_N in shared memory, so a larger rank takes fewer rows and columns.
+# B tile RP × BLOCK_N in shared memory, so a larger rank takes fewer rows and columns. Each
+# list ends with its smallest config, which fits in shared memory for fp32 too; it is the one
+# used with PLRD_AUTOTUNE=0.
 _CONFIGS_RANK_64 = [
     config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
     config(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
     config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128),
-    config(4, 4, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128),
+    config(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64),
 ]
 _CONFIGS_RANK_256 = [
     config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
     config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
     config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
-    config(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=64),
+    config(4, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
 ]
-_CONFIGS_RANK_LARGE = [
-    config(8, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+_CONFIGS_RANK_512 = [  # a 32 × 512 fp32 accumulator is 64 KiB of registers
     config(8, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32),
+    config(8, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64),
     config(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32),
     config(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16),
 ]
 _INTERPRETER_CONFIG = config(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
-_KEY = ["M_BUCKET", "K", "N", "RP", "STORE_Y", "STORE_T"]
+_KEY = ["M_BUCKET", "K", "N", "RP", "STORE_Y", "STORE_T", "LOAD_ACC"]
+
+MAX_CHUNK = {2: 512, 4: 256}
+"""Largest padded rank one launch holds, by input element size in bytes."""
+
+TIERS = {64: _CONFIGS_RANK_64, 256: _CONFIGS_RANK_256, 512: _CONFIGS_RANK_512}
+"""Autotune configs by padded-rank tier: a tier serves the ranks RP ≤ its key."""
 
 
 @triton.jit
 def _chain_kernel(
-    x_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, t_ptr,
+    x_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, acc_ptr, t_ptr,
     M, K, N, R, M_INNER, M_BUCKET,
     stride_x0, stride_x1, stride_xk,
     stride_ak, stride_ar,
@@ -57,7 +69,7 @@ def _chain_kernel(
     stride_ym, stride_yn,
     stride_tm, stride_tr,
     HAS_BIAS: tl.constexpr, STORE_Y: tl.constexpr, STORE_T: tl.constexpr,
-    RP: tl.constexpr, PRECISION: tl.constexpr,
+    LOAD_ACC: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Program (i, j) owns rows ``[i·BLOCK_M, (i+1)·BLOCK_M)``: it builds their T in registers,
@@ -68,10 +80,11 @@ def _chain_kernel(
         a_ptr: A [K, R] at ``k·stride_ak + r·stride_ar``.
         b_ptr: B [R, N] at ``r·stride_br + n·stride_bn``.
         bias_ptr: bias [N] at ``n·stride_bias`` (read only if HAS_BIAS).
-        y_ptr: Y [M, N] at ``m·stride_ym + n·stride_yn``, written if STORE_Y; its element type
-            is the compute dtype (T is rounded to it before the second product).
+        y_ptr: Y [M, N] at ``m·stride_ym + n·stride_yn``, written if STORE_Y (any float type).
+        acc_ptr: fp32 [M, N] with Y's strides, added to Y if LOAD_ACC (rank chunks after the
+            first; the caller passes the bias to the first chunk only).
         t_ptr: T [M, R] at ``m·stride_tm + r·stride_tr``, written by the j = 0 programs if
-            STORE_T.
+            STORE_T. T is rounded to X's dtype before the second product, as torch would.
         M, K, N, R: problem sizes (any R ≥ 1; R ≤ RP).
         M_INNER: inner size of the two-level row index (see ``plrd_kernels.layout``).
         M_BUCKET: M rounded to a power of two; unused by the body, it is the autotune key.
@@ -110,7 +123,7 @@ def _chain_kernel(
             other=0.0,
         )
         acc_t = tl.dot(x, a, acc_t, input_precision=PRECISION)
-    t = acc_t.to(y_ptr.dtype.element_ty)
+    t = acc_t.to(x_ptr.dtype.element_ty)
 
     if STORE_T:
         if pid_n == 0:
@@ -135,24 +148,31 @@ def _chain_kernel(
             if HAS_BIAS:
                 bias = tl.load(bias_ptr + n64 * stride_bias, mask=mask_n, other=0.0)
                 y += bias.to(tl.float32)[None, :]
-            tl.store(
-                y_ptr + rows[:, None] * stride_ym + n64[None, :] * stride_yn,
-                y.to(y_ptr.dtype.element_ty),
-                mask=mask_m[:, None] & mask_n[None, :],
-            )
+            y_offs = rows[:, None] * stride_ym + n64[None, :] * stride_yn
+            mask_y = mask_m[:, None] & mask_n[None, :]
+            if LOAD_ACC:
+                y += tl.load(acc_ptr + y_offs, mask=mask_y, other=0.0)
+            tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
-_chain_rank_64 = autotune(_CONFIGS_RANK_64, _INTERPRETER_CONFIG, _KEY)(_chain_kernel)
-_chain_rank_256 = autotune(_CONFIGS_RANK_256, _INTERPRETER_CONFIG, _KEY)(_chain_kernel)
-_chain_rank_large = autotune(_CONFIGS_RANK_LARGE, _INTERPRETER_CONFIG, _KEY)(_chain_kernel)
+TUNED = {
+    bound: autotune(configs, _INTERPRETER_CONFIG, _KEY)(_chain_kernel)
+    for bound, configs in TIERS.items()
+}
+"""One autotuned launcher per tier (the same kernel with the tier's configs)."""
 
 
-def _kernel_for_rank(rp: int):
-    if rp <= 64:
-        return _chain_rank_64
-    if rp <= 256:
-        return _chain_rank_256
-    return _chain_rank_large
+def tier_for_rank(rp: int) -> int:
+    """The ``TIERS`` key whose configs serve padded rank ``rp`` (≤ 512)."""
+    return min(bound for bound in TIERS if rp <= bound)
+
+
+def rank_chunks(rank: int, element_size: int) -> list[tuple[int, int]]:
+    """``[(r0, r1), ...]``: the rank columns each launch handles (one chunk up to MAX_CHUNK)."""
+    size = MAX_CHUNK[min(max(element_size, 2), 4)]
+    if rank == 0:
+        return [(0, 0)]
+    return [(r0, min(r0 + size, rank)) for r0 in range(0, rank, size)]
 
 
 def chain(
@@ -164,7 +184,7 @@ def chain(
     store_y: bool = True,
     store_t: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """``T = x·a`` and ``Y = T·b + bias`` in one launch.
+    """``T = x·a`` and ``Y = T·b + bias``: one launch (per rank chunk, see the module notes).
 
     x: [..., K] (any strides); a: [K, R]; b: [R, N]; bias: [N] or None; all one dtype.
     Returns ``(y, t)``: y [..., N] contiguous (an empty tensor unless ``store_y``) and
@@ -184,12 +204,8 @@ def chain(
         return y, t
     y2 = y.view(m_dim, n_dim) if store_y else x.new_empty((1, 1))
     t2 = t if store_t else x.new_empty((1, 1))
-    if bias is None:
-        bias_arg, bias_stride = y2, 0
-    else:
-        bias_arg, bias_stride = bias, bias.stride(0)
-
-    rp = padded_rank(rank)
+    chunks = rank_chunks(rank, x.element_size())
+    acc = new_buffer(x, (m_dim, n_dim), torch.float32) if store_y and len(chunks) > 1 else y2
     sms = num_sms(x.device)
 
     def grid(meta):
@@ -200,27 +216,33 @@ def chain(
         split = max(1, min(triton.cdiv(n_dim, meta["BLOCK_N"]), sms // m_blocks))
         return (m_blocks, split)
 
-    launch(
-        _kernel_for_rank(rp),
-        grid,
-        x, a, b, bias_arg, y2, t2,
-        m_dim, k_dim, n_dim, rank, layout.inner, m_bucket(m_dim),
-        layout.stride0, layout.stride1, x.stride(-1),
-        a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1),
-        bias_stride,
-        y2.stride(0), y2.stride(1),
-        t2.stride(0), t2.stride(1),
-        HAS_BIAS=bias is not None, STORE_Y=store_y, STORE_T=store_t,
-        RP=rp, PRECISION=dot_precision(x.dtype),
-    )  # fmt: skip
+    for index, (r0, r1) in enumerate(chunks):
+        first, last = index == 0, index == len(chunks) - 1
+        a_c, b_c = a[:, r0:r1], b[r0:r1, :]
+        t_c = t2[:, r0:r1] if store_t else t2
+        with_bias = bias is not None and first
+        rp = padded_rank(r1 - r0)
+        launch(
+            TUNED[tier_for_rank(rp)],
+            grid,
+            x, a_c, b_c, bias if with_bias else y2, y2 if last else acc, acc, t_c,
+            m_dim, k_dim, n_dim, r1 - r0, layout.inner, m_bucket(m_dim),
+            layout.stride0, layout.stride1, x.stride(-1),
+            a_c.stride(0), a_c.stride(1),
+            b_c.stride(0), b_c.stride(1),
+            bias.stride(0) if with_bias else 0,
+            y2.stride(0), y2.stride(1),
+            t_c.stride(0), t_c.stride(1),
+            HAS_BIAS=with_bias, STORE_Y=store_y, STORE_T=store_t, LOAD_ACC=store_y and not first,
+            RP=rp, PRECISION=dot_precision(x.dtype),
+        )  # fmt: skip
     return y, t
 
 
 def chain_reference(
     x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Torch twin of :func:`chain` (T rounded to the input dtype, as the kernel does)."""
+    """Torch twin of :func:`chain`: fp32 products, T rounded to the input dtype in between."""
     t = torch.matmul(x.reshape(-1, a.shape[0]).float(), a.float()).to(x.dtype)
     y = torch.matmul(t.float(), b.float())
     if bias is not None:

@@ -19,16 +19,27 @@ from torch._subclasses.fake_tensor import FakeTensor
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 """Kernels in this process were decorated for the CPU interpreter."""
 
+AUTOTUNE = os.environ.get("PLRD_AUTOTUNE", "1") != "0"
+"""``PLRD_AUTOTUNE=0``: every kernel uses its one fixed config, no tuning (quick GPU test
+runs that compile many shapes once each)."""
+
 INTERPRETER_SMS = 4
 """Pretend SM count under the interpreter: small, so tests exercise split-N and split-M."""
 
 
 def autotune(
-    configs: Sequence[triton.Config], fixed: triton.Config, key: list[str]
+    configs: Sequence[triton.Config], interpreter_config: triton.Config, key: list[str]
 ) -> Callable[[Any], Any]:
-    """``triton.autotune`` over ``configs`` on a GPU; under the interpreter the one ``fixed``
-    config (autotuning there would run every config many times, on the CPU)."""
-    chosen = [fixed] if INTERPRET else list(configs)
+    """``triton.autotune`` over ``configs`` on a GPU. A single config, never benchmarked,
+    under the interpreter (``interpreter_config``: autotuning there would run every config
+    many times, on the CPU) or with ``PLRD_AUTOTUNE=0`` (``configs[-1]``: each list ends
+    with its smallest config, the one sure to fit in shared memory)."""
+    if INTERPRET:
+        chosen = [interpreter_config]
+    elif not AUTOTUNE:
+        chosen = [configs[-1]]
+    else:
+        chosen = list(configs)
     return triton.autotune(configs=chosen, key=key)
 
 

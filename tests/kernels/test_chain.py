@@ -32,7 +32,7 @@ def _reference(x, a, b, bias):
         (5, 37, 17, 70),  # nothing a multiple of 16
         (70, 64, 64, 48),  # several row blocks, rank exactly a power of two
         (33, 50, 100, 33),  # rank padded to 128 (middle config tier)
-        (17, 24, 300, 19),  # rank padded to 512 (large config tier)
+        (17, 24, 300, 19),  # rank padded to 512 (fp16: top tier; fp32: two chunks)
     ],
 )
 def test_forward_matches_float64(device, dtype, m, k, r, n):
@@ -45,6 +45,27 @@ def test_forward_matches_float64(device, dtype, m, k, r, n):
     assert y.shape == (m, n) and t.shape == (m, r)
     assert relative_error(y, y_ref) < TOL[dtype]
     assert relative_error(t, t_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    "dtype, rank, chunks",
+    [(torch.float32, 300, 2), (torch.float16, 600, 2), (torch.float16, 1100, 3)],
+)
+def test_rank_chunks(device, dtype, rank, chunks):
+    """Ranks past one launch's capacity: column chunks, Y accumulated in fp32, T in pieces."""
+    from plrd_kernels.chain import chain_reference, rank_chunks
+
+    assert len(rank_chunks(rank, dtype.itemsize)) == chunks
+    x = torch.randn(2, 10, 40, device=device, dtype=dtype)
+    down = torch.randn(rank, 40, device=device, dtype=dtype) / 40**0.5
+    up = torch.randn(24, rank, device=device, dtype=dtype) / rank**0.5
+    bias = torch.randn(24, device=device, dtype=dtype)
+    y, t = _chain(x, down.t(), up.t(), bias, store_t=True)
+    y_ref, t_ref = _reference(x, down.t(), up.t(), bias)
+    assert relative_error(y, y_ref) < TOL[dtype]
+    assert relative_error(t, t_ref) < TOL[dtype]
+    y_twin, _ = chain_reference(x, down.t(), up.t(), bias)  # same rounding of T: closer still
+    assert relative_error(y, y_twin) <= relative_error(y, y_ref) + 1e-6
 
 
 def test_without_bias_and_without_t(device):

@@ -251,7 +251,7 @@ def _corpus_info(corpus: Corpus, eval_blocks: torch.Tensor, calib_blocks: torch.
 def _check_resumable(manifest: dict, cfg: FamilyConfig, corpus: Corpus) -> None:
     old = manifest.get("config", {})
     new = cfg.recipe()
-    diff = [k for k in new if k in old and old[k] != new[k]]
+    diff = [k for k in new if k in old and k != "data" and old[k] != new[k]]
     if manifest.get("corpus", {}).get("fingerprint") != corpus.fingerprint:
         diff.append("data (the corpus text changed)")
     if diff:

@@ -49,9 +49,14 @@ def plot_family(manifest: dict, path: str | os.PathLike) -> Path:
         "*",
         color="black",
         markersize=14,
-        label=f"parent ({parent['name']})",
+        label=f"parent ({Path(str(parent['name'])).name})",
     )
     ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("parameters (millions)")
     ax.set_ylabel("held-out perplexity")
     tokens = manifest.get("config", {}).get("tokens_per_stage")

@@ -5,7 +5,8 @@
   tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before the kernels were first
   used (the interpreter: slow, for tests).
 - ``auto`` (default): Triton for CUDA tensors where the fused kernel is expected to win
-  (``triton_expected_to_win``), torch otherwise (always torch on CPU).
+  (``triton_expected_to_win``: fp16/bf16, padded rank ≤ 128, ≥ 1024 rows), torch otherwise
+  (always torch on CPU). Under autocast the dtype checked is the autocast dtype.
 
 The ``auto`` rule and its reasoning live in benchmarks/NOTES.md; the constants are here.
 """
@@ -16,6 +17,7 @@ import importlib.util
 import math
 import os
 
+import torch
 from torch import Tensor
 
 from plrd_kernels.layout import padded_rank
@@ -52,14 +54,24 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def triton_expected_to_win(rows: int, in_features: int, out_features: int, rank: int) -> bool:
-    """The ``auto`` rule for CUDA tensors: fused kernel for memory-bound shapes with enough rows.
+AUTO_DTYPES = (torch.float16, torch.bfloat16)
+"""auto: dtypes sent to Triton. IEEE fp32 has no tensor-core path (the kernels' fp32 products
+use FMA and spill registers: benchmarks/NOTES.md), so fp32 stays on cuBLAS."""
+
+
+def triton_expected_to_win(
+    rows: int, in_features: int, out_features: int, rank: int, dtype: torch.dtype
+) -> bool:
+    """The ``auto`` rule for CUDA tensors: the fused kernel for memory-bound 16-bit shapes
+    with enough rows.
 
     ``in_features`` and ``out_features`` enter only through the padded-rank bound for now:
     the chain's arithmetic intensity is ≈ R whatever K and N are (benchmarks/NOTES.md).
     """
     del in_features, out_features
-    return padded_rank(rank) <= AUTO_MAX_PADDED_RANK and rows >= AUTO_MIN_ROWS
+    return (
+        dtype in AUTO_DTYPES and padded_rank(rank) <= AUTO_MAX_PADDED_RANK and rows >= AUTO_MIN_ROWS
+    )
 
 
 def choose_backend(x: Tensor, down: Tensor, up: Tensor) -> str:
@@ -87,5 +99,6 @@ def choose_backend(x: Tensor, down: Tensor, up: Tensor) -> str:
     if not (x.is_cuda and triton_available()):
         return "torch"
     rows = math.prod(x.shape[:-1])
-    wins = triton_expected_to_win(rows, down.shape[1], up.shape[0], down.shape[0])
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    wins = triton_expected_to_win(rows, down.shape[1], up.shape[0], down.shape[0], dtype)
     return "triton" if wins else "torch"

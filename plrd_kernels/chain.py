@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from plrd_kernels.layout import m_bucket, new_buffer, padded_rank, row_layout
-from plrd_kernels.tuning import autotune, config, dot_precision, launch, num_sms
+from plrd_kernels.tuning import autotune, config, launch, num_sms, tf32_allowed
 
 # Block sizes by padded rank RP: the T accumulator is BLOCK_M × RP fp32 in registers and the
 # B tile RP × BLOCK_N in shared memory, so a larger rank takes fewer rows and columns. Each
@@ -69,7 +69,7 @@ def _chain_kernel(
     stride_ym, stride_yn,
     stride_tm, stride_tr,
     HAS_BIAS: tl.constexpr, STORE_Y: tl.constexpr, STORE_T: tl.constexpr,
-    LOAD_ACC: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
+    LOAD_ACC: tl.constexpr, RP: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Program (i, j) owns rows ``[i·BLOCK_M, (i+1)·BLOCK_M)``: it builds their T in registers,
@@ -89,7 +89,8 @@ def _chain_kernel(
         M_INNER: inner size of the two-level row index (see ``plrd_kernels.layout``).
         M_BUCKET: M rounded to a power of two; unused by the body, it is the autotune key.
         RP: R padded to a power of two ≥ 16 (masked loads give zeros past R).
-        PRECISION: ``tl.dot`` input precision ("ieee" or "tf32"; only fp32 inputs care).
+        ALLOW_TF32: ``tl.dot`` input precision "tf32" if set, else "ieee" (exact fp32); only
+            fp32 inputs care.
         BLOCK_M, BLOCK_N, BLOCK_K: tile sizes (each ≥ 16).
 
     Offsets are computed in int64, so tensors over 2³¹ elements are addressed correctly.
@@ -122,7 +123,7 @@ def _chain_kernel(
             mask=mask_k[:, None] & mask_r[None, :],
             other=0.0,
         )
-        acc_t = tl.dot(x, a, acc_t, input_precision=PRECISION)
+        acc_t = tl.dot(x, a, acc_t, input_precision="tf32" if ALLOW_TF32 else "ieee")
     t = acc_t.to(x_ptr.dtype.element_ty)
 
     if STORE_T:
@@ -144,7 +145,7 @@ def _chain_kernel(
                 mask=mask_r[:, None] & mask_n[None, :],
                 other=0.0,
             )
-            y = tl.dot(t, b, input_precision=PRECISION)
+            y = tl.dot(t, b, input_precision="tf32" if ALLOW_TF32 else "ieee")
             if HAS_BIAS:
                 bias = tl.load(bias_ptr + n64 * stride_bias, mask=mask_n, other=0.0)
                 y += bias.to(tl.float32)[None, :]
@@ -234,7 +235,7 @@ def chain(
             y2.stride(0), y2.stride(1),
             t_c.stride(0), t_c.stride(1),
             HAS_BIAS=with_bias, STORE_Y=store_y, STORE_T=store_t, LOAD_ACC=store_y and not first,
-            RP=rp, PRECISION=dot_precision(x.dtype),
+            RP=rp, ALLOW_TF32=tf32_allowed(x.dtype),
         )  # fmt: skip
     return y, t
 

@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from plrd_kernels.layout import m_bucket, new_buffer, row_layout
-from plrd_kernels.tuning import autotune, config, dot_precision, launch, num_sms
+from plrd_kernels.tuning import autotune, config, launch, num_sms, tf32_allowed
 
 _CONFIGS = [
     config(8, 3, BLOCK_P=128, BLOCK_Q=128, BLOCK_M=32),
@@ -44,7 +44,7 @@ def _reduce_rows_kernel(
     stride_q0, stride_q1, stride_qq,
     stride_cs, stride_cp, stride_cq,
     stride_ss, stride_sp,
-    WITH_SUM: tl.constexpr, PRECISION: tl.constexpr,
+    WITH_SUM: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """Program (i, j, s) sums rows of split s into the output tile (P block i, Q block j).
@@ -59,7 +59,7 @@ def _reduce_rows_kernel(
             programs if WITH_SUM.
         M, P, Q: sizes; split s covers rows ``[s·C, (s+1)·C)``, C = ⌈⌈M/S⌉/BLOCK_M⌉·BLOCK_M.
         M_BUCKET: M rounded to a power of two; the autotune key only.
-        PRECISION: ``tl.dot`` input precision ("ieee" or "tf32").
+        ALLOW_TF32: ``tl.dot`` input precision "tf32" if set, else "ieee" (fp32 inputs only).
         BLOCK_P, BLOCK_Q, BLOCK_M: tile sizes (each ≥ 16).
 
     A split with no rows still writes its (zero) partial, so every output element is written.
@@ -98,7 +98,7 @@ def _reduce_rows_kernel(
             mask=mask_m[:, None] & mask_q[None, :],
             other=0.0,
         )
-        acc = tl.dot(tl.trans(lt), qt, acc, input_precision=PRECISION)
+        acc = tl.dot(tl.trans(lt), qt, acc, input_precision="tf32" if ALLOW_TF32 else "ieee")
         if WITH_SUM:
             acc_sum += tl.sum(lt.to(tl.float32), axis=0)
 
@@ -204,7 +204,7 @@ def reduce_rows(
         q_layout.stride0, q_layout.stride1, rhs.stride(-1),
         c_buf.stride(0), c_buf.stride(1), c_buf.stride(2),
         s_buf.stride(0), s_buf.stride(1),
-        WITH_SUM=with_sum, PRECISION=dot_precision(lhs.dtype),
+        WITH_SUM=with_sum, ALLOW_TF32=tf32_allowed(lhs.dtype),
     )  # fmt: skip
     if n_splits > 1:
         _sum_splits(c_buf, out)

@@ -74,10 +74,8 @@ def num_sms(device: torch.device) -> int:
     return _device_sms(index)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """``input_precision`` for ``tl.dot``: fp32 follows ``torch.backends.cuda.matmul.allow_tf32``
-    (TF32 tensor cores when allowed, exact IEEE fp32 otherwise); fp16/bf16 products are exact
-    in the fp32 accumulator whatever this says."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+def tf32_allowed(dtype: torch.dtype) -> bool:
+    """The kernels' ``ALLOW_TF32``: fp32 follows ``torch.backends.cuda.matmul.allow_tf32``
+    (TF32 tensor cores when allowed, exact IEEE fp32 otherwise); fp16/bf16 products are
+    exact in the fp32 accumulator either way (True keeps Triton's default)."""
+    return dtype != torch.float32 or bool(torch.backends.cuda.matmul.allow_tf32)

@@ -53,11 +53,13 @@ def test_forced_triton_on_cpu_without_interpreter_fails_clearly(monkeypatch):
 
 
 def test_auto_rule():
-    assert triton_expected_to_win(AUTO_MIN_ROWS, 4096, 4096, 64)
-    assert triton_expected_to_win(8192, 4096, 4096, AUTO_MAX_PADDED_RANK)
-    assert not triton_expected_to_win(8192, 4096, 4096, AUTO_MAX_PADDED_RANK + 1)
-    assert not triton_expected_to_win(AUTO_MIN_ROWS - 1, 4096, 4096, 64)
-    assert not triton_expected_to_win(1, 4096, 4096, 16)  # decode
+    bf16 = torch.bfloat16
+    assert triton_expected_to_win(AUTO_MIN_ROWS, 4096, 4096, 64, bf16)
+    assert triton_expected_to_win(8192, 4096, 4096, AUTO_MAX_PADDED_RANK, torch.float16)
+    assert not triton_expected_to_win(8192, 4096, 4096, AUTO_MAX_PADDED_RANK + 1, bf16)
+    assert not triton_expected_to_win(AUTO_MIN_ROWS - 1, 4096, 4096, 64, bf16)
+    assert not triton_expected_to_win(1, 4096, 4096, 16, bf16)  # decode
+    assert not triton_expected_to_win(8192, 4096, 4096, 64, torch.float32)
 
 
 @pytest.mark.parametrize(

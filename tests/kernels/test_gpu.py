@@ -123,11 +123,14 @@ def test_int64_offsets(triton_backend):
     assert relative_error(grad_x[tail], grad_x_ref) < 1e-2
 
 
-def test_torch_compile_inductor(triton_backend):
-    """torch.compile (inductor, fullgraph: no graph breaks) over the triton_op, fwd + bwd."""
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_torch_compile_inductor(triton_backend, monkeypatch, backend):
+    """torch.compile (inductor, fullgraph: no graph breaks) over the triton_op, fwd + bwd;
+    with ``auto`` on a shape (1200 rows, rank 24, bf16) that it sends to Triton."""
+    monkeypatch.setenv("PLRD_BACKEND", backend)
     torch._dynamo.reset()
     compiled = torch.compile(lowrank_linear, fullgraph=True)
-    _assert_close_to_float64(*_inputs((4, 50), 96, 24, 136, torch.bfloat16), 1e-2, compiled)
+    _assert_close_to_float64(*_inputs((4, 300), 96, 24, 136, torch.bfloat16), 1e-2, compiled)
 
 
 def test_opcheck_full(triton_backend):

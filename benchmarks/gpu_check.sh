@@ -30,7 +30,7 @@ assert torch.cuda.is_available()
 print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · triton {triton.__version__}")
 PYEOF
 fi
-"$PY" -c "import hypothesis" 2>/dev/null || echo "gpu_check: hypothesis missing: the fuzz test will fail to import"
+"$PY" -c "import hypothesis" 2>/dev/null || echo "gpu_check: hypothesis not installed: the fuzz test is skipped"
 
 # 1. Kernel tests on CUDA. PLRD_AUTOTUNE=0: each kernel compiles one fixed config per shape
 #    (the GPU tests run every autotune config explicitly), so many shapes stay quick.

@@ -91,7 +91,7 @@ def test_autocast_casts_for_the_kernels(triton_backend):
         y = lowrank_linear(x, down, up)
     assert y.dtype == torch.float16
     ref, _ = lowrank_linear_grads_reference(
-        x.half(), down.half(), up.half(), None, torch.zeros(4, 7)
+        x.half(), down.half(), up.half(), None, torch.zeros(4, 7, device=device)
     )
     assert relative_error(y, ref) < 1e-3
 

@@ -6,13 +6,13 @@
 #   bash benchmarks/gpu_check.sh            # PYTHON=... to choose the interpreter
 #   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh   # the same pipeline on CPU (sweep --dry-run)
 #
-# Needs torch with CUDA, triton, pytest and hypothesis; the repository need not be installed.
+# Needs torch with CUDA, triton and pytest (hypothesis optional); no install of the repository.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
-TOTAL_S="${GPU_CHECK_SECONDS:-450}"   # whole check; the sweep gets what the tests leave
-TESTS_S="${GPU_TESTS_SECONDS:-210}"
+TOTAL_S="${GPU_CHECK_SECONDS:-460}"   # whole check; the sweep gets what the tests leave
+TESTS_S="${GPU_TESTS_SECONDS:-240}"
 start=$(date +%s)
 
 if [ -n "${OUT:-}" ]; then

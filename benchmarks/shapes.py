@@ -62,8 +62,9 @@ def decode_cases() -> list[Case]:
 
 
 def all_cases() -> list[Case]:
-    """Target first, then training, then decode (the order the sweep runs them in)."""
-    return target_cases() + training_cases() + decode_cases()
+    """The order the sweep runs them in (its time budget cuts the tail): the target shape,
+    then decode (forward only, quick), then training."""
+    return target_cases() + decode_cases() + training_cases()
 
 
 def flops(case: Case, backward: bool) -> float:
@@ -118,3 +119,60 @@ def roofline_table(cases: list[Case] | None = None) -> str:
                 f"{floor_seconds(case, backward) * 1e6:.1f} | {bound} |"
             )
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# pytest-benchmark suite (test_bench_*.py): layer shapes, kept fractions and model sizes. The
+# CPU cases run fp32 through the torch path; the CUDA cases reuse the shapes with more tokens.
+# A layer shape's tokens M are the rows of ``x [M, in]`` fed to the layer.
+
+
+class LayerShape(NamedTuple):
+    """A dense layer ``in_features → out_features`` and the tokens M fed to it per device."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+    cpu_tokens: int
+    cuda_tokens: int
+
+
+#: Fractions of the parameters kept by the factored layers and models.
+KEEPS = (0.75, 0.5, 0.25)
+
+#: nn.Linear-shaped layers: a generic square layer (the 2.5× target: keep 0.25, batch 512),
+#: the SmolLM2-135M MLP up-projection and the Llama-7B MLP up-projection.
+LAYER_SHAPES = (
+    LayerShape("square-2048to2048", 2048, 2048, True, 512, 8192),
+    LayerShape("smollm2-576to1536", 576, 1536, False, 512, 8192),
+    LayerShape("llama7b-4096to11008", 4096, 11008, False, 128, 8192),
+)
+
+#: The SmolLM2-135M architecture (random weights are enough for speed).
+SMOLLM2_CONFIG = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "vocab_size": 49152,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 2048,
+}
+
+#: Model inference: (batch, sequence length) of one forward pass, and the decode run
+#: (prompt length, new tokens) at batch 1.
+MODEL_FORWARD_BATCH = (4, 128)
+MODEL_DECODE = (16, 32)
+#: One training step (forward, backward, AdamW step) on (batch, sequence length).
+MODEL_TRAIN_BATCH = (2, 64)
+#: Gram collection: number of batches of MODEL_FORWARD_BATCH.
+GRAM_BATCHES = 2
+
+#: Re-truncation of a factored layer: (name, in_features, out_features, rank, new rank).
+RETRUNCATE_CASES = (
+    ("smollm2-576to1536-r209to104", 576, 1536, 209, 104),
+    ("square-4096to4096-r1024to768", 4096, 4096, 1024, 768),
+)

@@ -43,11 +43,13 @@ def reduce_rows_op(lhs: Tensor, rhs: Tensor, with_sum: bool) -> tuple[Tensor, Te
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, a, b, bias, _store_y, _store_t = inputs
+    x, a, b, bias, _store_y, store_t = inputs
     _y, t = output
     ctx.mark_non_differentiable(t)
-    ctx.save_for_backward(x, a, b, t)
+    # x is read again only for d a (= xᵀ·dT); do not keep it alive otherwise.
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, a, b, t)
     ctx.has_bias = bias is not None
+    ctx.has_t = store_t
 
 
 def _grad_weight(lhs_rows: Tensor, rhs_rows: Tensor, weight: Tensor) -> Tensor:
@@ -70,7 +72,7 @@ def _backward(ctx, grad_y: Tensor, _grad_t: Tensor | None):
         if need_a:
             grad_a = _grad_weight(x, grad_t, a)
     if need_b:
-        if t.numel() != grad_y.numel() // max(grad_y.shape[-1], 1) * b.shape[0]:
+        if not ctx.has_t:
             raise RuntimeError("plrd::chain: b needs a gradient, so call it with store_t=True")
         # d b = Tᵀ·dY [R, N]; the kernel writes dYᵀ·T [N, R] (up's own layout) and, in the
         # same pass, the column sums of dY (the bias gradient).

@@ -30,5 +30,8 @@ family: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
 bench: $(VENV)/.installed
 	$(PY) -m pytest benchmarks/

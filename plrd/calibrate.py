@@ -200,7 +200,8 @@ def collect_grams(
     the model's device. ``targets``/``exclude`` select layers as in ``plrd.decompose`` (default:
     every linear layer except output heads). Grams are float64 [in, in] on the layer's device;
     layers reading the same input share one tensor. ``result.tokens[name]`` counts the rows.
-    Runs under ``torch.no_grad()``; hooks are removed even if a forward raises. Raises
+    Runs under ``torch.no_grad()`` in eval mode (dropout off; each module's mode is restored
+    afterwards); hooks are removed even if a forward raises. Raises
     ``ValueError`` when ``batches`` is empty or never reaches a targeted layer.
     """
     from tqdm.auto import tqdm
@@ -222,8 +223,10 @@ def collect_grams(
         return hook
 
     device = _model_device(model)
+    modes = {m: m.training for m in model.modules()}
     count = 0
     try:
+        model.eval()  # dropout off: the Grams describe the inputs the model really computes
         for name, module in layers.items():
             hook = make_hook(name, layer_shape(module)[0])
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
@@ -239,6 +242,8 @@ def collect_grams(
     finally:
         for handle in handles:
             handle.remove()
+        for module, training in modes.items():
+            module.training = training
         collector.start_forward()  # drop held inputs
     if count == 0:
         raise ValueError("collect_grams got no batches; pass a non-empty iterable of inputs")

@@ -204,8 +204,9 @@ def find_targets(
 
     ``targets=None`` selects every linear layer except heads/tied layers (see module docs);
     explicit ``targets`` may also select an untied head but never a layer tied to an embedding.
-    Raises ``ValueError`` when a target pattern matches no linear layer (the message lists the
-    available names) or when the selection is empty.
+    ``exclude`` then removes layers; an exclude pattern matching nothing is ignored (one list can
+    serve several architectures). Raises ``ValueError`` when a target pattern matches no linear
+    layer (the message lists the available names) or when the selection is empty.
     """
     layers = linear_layers(model)
     heads = head_names(model)

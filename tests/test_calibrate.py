@@ -116,6 +116,18 @@ def test_dict_batches_and_targets():
     assert len(grams) == 6 and all(".attention.self." in n for n in grams)
 
 
+def test_calibration_runs_in_eval_mode_and_restores_modes():
+    model = tiny_bert().train()
+    model.bert.embeddings.eval()
+    batches = token_batches()
+    grams = plrd.collect_grams(model, batches, progress=False)
+    reference = plrd.collect_grams(tiny_bert().eval(), batches, progress=False)
+    for name, gram in grams.items():
+        torch.testing.assert_close(gram, reference[name])  # dropout was off
+    assert model.training and model.bert.encoder.training
+    assert not model.bert.embeddings.training and not model.bert.embeddings.dropout.training
+
+
 def test_gpt2_conv1d_inputs():
     model = tiny_gpt2()
     grams = plrd.collect_grams(model, token_batches(), progress=False)

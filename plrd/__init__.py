@@ -19,6 +19,7 @@ _EXPORTS = {
     "collect_grams": "plrd.calibrate",
     "save": "plrd.checkpoint",
     "load": "plrd.checkpoint",
+    "weights_checksum": "plrd.checkpoint",
     "load_pretrained": "plrd.models",
 }
 

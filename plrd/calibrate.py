@@ -187,6 +187,32 @@ def _to_device(batch: Any, device: torch.device | None) -> Any:
     return batch
 
 
+def _check_batch(index: int, batch: Any) -> None:
+    """Raise ValueError for a batch with no tokens (it would add nothing and may crash)."""
+    tensors = [batch] if isinstance(batch, Tensor) else []
+    if isinstance(batch, Mapping):
+        tensors = [v for v in batch.values() if isinstance(v, Tensor)]
+    if tensors and all(t.numel() == 0 for t in tensors):
+        raise ValueError(
+            f"calibration batch {index} is empty (shape {tuple(tensors[0].shape)}); drop empty "
+            "batches, or pass batches with at least one token"
+        )
+
+
+def _check_grams_finite(grams: Grams) -> None:
+    seen: set[int] = set()
+    for name, gram in grams.items():
+        if id(gram) in seen:
+            continue
+        seen.add(id(gram))
+        if not bool(torch.isfinite(gram).all()):
+            raise ValueError(
+                f"layer {name!r} received non-finite inputs (NaN or inf) during calibration; "
+                "check the batches (token ids within the vocabulary, no NaN in float inputs) "
+                "and the model's weights"
+            )
+
+
 def collect_grams(
     model: nn.Module,
     batches: Iterable[Tensor | Mapping[str, Any]],
@@ -201,11 +227,22 @@ def collect_grams(
     every linear layer except output heads). Grams are float64 [in, in] on the layer's device;
     layers reading the same input share one tensor. ``result.tokens[name]`` counts the rows.
     Runs under ``torch.no_grad()`` in eval mode (dropout off; each module's mode is restored
-    afterwards); hooks are removed even if a forward raises. Raises
-    ``ValueError`` when ``batches`` is empty or never reaches a targeted layer.
+    afterwards); hooks are removed even if a forward raises. Raises ``ValueError`` when
+    ``batches`` is a single tensor (wrap it in a list), is empty, holds an empty batch, never
+    reaches a targeted layer, or drives a layer with non-finite inputs.
     """
     from tqdm.auto import tqdm
 
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"collect_grams needs a torch.nn.Module as model, got {type(model).__name__}"
+        )
+    if isinstance(batches, (Tensor, Mapping)):
+        shape = tuple(batches.shape) if isinstance(batches, Tensor) else "a dict"
+        raise ValueError(
+            f"batches must be an iterable of batches, got one batch ({shape}); pass [batch], "
+            "or e.g. list(tokens.split(4)) to cut a tensor of token ids into batches"
+        )
     layers = find_targets(model, targets, exclude)
     collector = _Collector(layers)
     handles = []
@@ -232,6 +269,7 @@ def collect_grams(
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         with torch.no_grad():
             for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
+                _check_batch(count, batch)
                 collector.start_forward()
                 batch = _to_device(batch, device)
                 if isinstance(batch, Mapping):
@@ -254,4 +292,5 @@ def collect_grams(
             f"no targeted layer ran during calibration ({len(layers)} targeted, e.g. "
             f"{missing[0]!r}); check that the batches drive the model's forward"
         )
+    _check_grams_finite(grams)
     return grams

@@ -16,6 +16,11 @@ def count_parameters(model: nn.Module) -> int:
     Two parameters are the same when they are the same object or views of the same storage
     with the same offset and shape (e.g. ``lm_head.weight`` tied to ``embed_tokens.weight``).
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"count_parameters needs a torch.nn.Module, got {type(model).__name__}; pass the "
+            "model object itself"
+        )
     seen: set[tuple] = set()
     total = 0
     for p in model.parameters():

@@ -19,6 +19,8 @@ layer code casts results back to the parameter dtype.
 from __future__ import annotations
 
 import math
+import numbers
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -38,14 +40,25 @@ def break_even_rank(in_features: int, out_features: int) -> int:
     return (in_features * out_features) // (in_features + out_features)
 
 
-def check_rank(rank: int, out_features: int, in_features: int, name: str | None = None) -> None:
-    """Raise ValueError unless 1 ≤ rank ≤ min(out, in)."""
+def check_features(in_features: int, out_features: int, name: str | None = None) -> None:
+    """Raise ValueError unless both widths are positive integers."""
+    for what, value in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(
+                f"{_label(name)}: {what}={value!r} must be a positive integer (the layer's "
+                f"{'input' if what == 'in_features' else 'output'} width)"
+            )
+
+
+def check_rank(rank: int, out_features: int, in_features: int, name: str | None = None) -> int:
+    """Return ``rank`` as an int; raise ValueError unless it is an integer in 1..min(out, in)."""
     limit = min(out_features, in_features)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= limit:
         raise ValueError(
             f"{_label(name)} [{out_features}x{in_features}]: rank {rank!r} is out of range; "
             f"choose an integer rank in 1..{limit} (min(out, in))"
         )
+    return int(rank)
 
 
 def check_finite(tensor: Tensor, what: str, name: str | None = None) -> None:
@@ -58,15 +71,62 @@ def check_finite(tensor: Tensor, what: str, name: str | None = None) -> None:
         )
 
 
+def check_weight(tensor: Tensor, what: str, name: str | None = None) -> None:
+    """Raise ValueError unless ``tensor`` is a materialised, finite, real floating 2-D matrix."""
+    if not isinstance(tensor, Tensor) or tensor.dim() != 2:
+        shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+        raise ValueError(f"{_label(name)}: {what} must be a 2-D tensor, got {shape}")
+    if tensor.is_meta:
+        raise ValueError(
+            f"{_label(name)}: {what} {tuple(tensor.shape)} is on the meta device (it has no "
+            "data); load the weights before decomposing"
+        )
+    if not tensor.is_floating_point():
+        raise ValueError(
+            f"{_label(name)}: {what} has dtype {tensor.dtype}; plrd factors real floating-point "
+            "weights (dequantize or cast the model first)"
+        )
+    check_finite(tensor, what, name)
+
+
+GRAM_SYMMETRY_TOL = 1e-5
+"""Largest |G − Gᵀ| accepted, relative to max |G| (a Σ xᵀx is symmetric up to rounding)."""
+
+
 def check_gram(gram: Tensor, in_features: int, name: str | None = None) -> None:
-    """Raise ValueError unless ``gram`` is a finite [in, in] matrix."""
+    """Raise ValueError unless ``gram`` looks like Σ xᵀx of the layer's inputs.
+
+    That is: a real [in, in] tensor with data, finite, diagonal ≥ 0, symmetric up to rounding.
+    """
+    fix = "pass Σ xᵀx of this layer's inputs (see plrd.collect_grams)"
+    if not isinstance(gram, Tensor):
+        raise ValueError(
+            f"{_label(name)}: Gram matrix must be a torch.Tensor, got {type(gram).__name__}; {fix}"
+        )
     if gram.dim() != 2 or tuple(gram.shape) != (in_features, in_features):
         raise ValueError(
             f"{_label(name)}: Gram matrix has shape {tuple(gram.shape)} but the layer has "
-            f"{in_features} input features; pass Σ xᵀx of this layer's inputs, "
-            f"shape ({in_features}, {in_features}) (see plrd.collect_grams)"
+            f"{in_features} input features; {fix}, shape ({in_features}, {in_features})"
         )
+    if gram.is_meta or gram.is_complex() or gram.dtype == torch.bool:
+        what = "is on the meta device" if gram.is_meta else f"has dtype {gram.dtype}"
+        raise ValueError(f"{_label(name)}: Gram matrix {what}; {fix}")
     check_finite(gram, "Gram matrix", name)
+    g = gram.double()
+    diag = g.diagonal()
+    if in_features and float(diag.min()) < 0:
+        i = int(diag.argmin())
+        raise ValueError(
+            f"{_label(name)}: Gram matrix has a negative diagonal entry G[{i},{i}] = "
+            f"{float(diag[i]):.3g}, so it is not Σ xᵀx; {fix}"
+        )
+    scale = float(g.abs().max()) if g.numel() else 0.0
+    asym = float((g - g.T).abs().max()) if g.numel() else 0.0
+    if asym > GRAM_SYMMETRY_TOL * scale:
+        raise ValueError(
+            f"{_label(name)}: Gram matrix is not symmetric (max |G - Gᵀ| = {asym:.3g}, "
+            f"max |G| = {scale:.3g}); {fix}"
+        )
 
 
 def _split_sigma(u: Tensor, s: Tensor, vh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -75,21 +135,13 @@ def _split_sigma(u: Tensor, s: Tensor, vh: Tensor, rank: int) -> tuple[Tensor, T
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
-def svd_factors(weight: Tensor, rank: int, name: str | None = None) -> tuple[Tensor, Tensor]:
-    """Best rank-r factors of W [out, in] in Frobenius norm: (up [out, r], down [r, in]), fp64."""
-    out_features, in_features = weight.shape
-    check_rank(rank, out_features, in_features, name)
-    check_finite(weight, "weight", name)
-    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
-    return _split_sigma(u, s, vh, rank)
-
-
 def cholesky_factor(gram: Tensor, name: str | None = None) -> tuple[Tensor, float]:
     """Lower-triangular L with L Lᵀ = G + λ·mean(diag G)·I, float64, and the relative ridge λ.
 
     λ = 0 when G is positive definite. Otherwise λ starts at ``RIDGE_START`` and grows tenfold
-    until the factorization succeeds (inputs that never vary, e.g. dead features, make G
-    singular). Raises ValueError when even ``RIDGE_MAX`` fails.
+    until the factorization succeeds (inputs that never vary, e.g. dead features, or fewer
+    tokens than features make G singular). Raises ValueError when even ``RIDGE_MAX`` fails,
+    which a true Σ xᵀx never does.
     """
     g = gram.double()
     g = 0.5 * (g + g.T)
@@ -111,9 +163,119 @@ def cholesky_factor(gram: Tensor, name: str | None = None) -> tuple[Tensor, floa
     )
 
 
+@dataclass(frozen=True)
+class Whitening:
+    """G + λ·mean(diag G)·I = L Lᵀ for one Gram: ``lower`` = L [in, in] (float64), ``ridge`` = λ.
+
+    Layers reading the same input share one Gram and so one whitening; computing it once and
+    passing it to the functions below saves the repeated Cholesky.
+    """
+
+    lower: Tensor
+    ridge: float
+
+    @classmethod
+    def of(
+        cls,
+        gram: Tensor,
+        in_features: int,
+        name: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> Whitening:
+        """Check ``gram`` (see :func:`check_gram`) and factor it on ``device``."""
+        check_gram(gram, in_features, name)
+        lower, ridge = cholesky_factor(gram.to(device) if device is not None else gram, name)
+        return cls(lower, ridge)
+
+
 def _unwhiten(down_white: Tensor, lower: Tensor) -> Tensor:
     """down_white · L⁻¹ by a triangular solve: X L = D  ⇔  Lᵀ Xᵀ = Dᵀ."""
+    if down_white.shape[0] == 0:
+        return down_white
     return torch.linalg.solve_triangular(lower.T, down_white.T, upper=True).T
+
+
+def _check_whitening(whitening: Whitening | None, in_features: int, name: str | None) -> None:
+    if whitening is not None and tuple(whitening.lower.shape) != (in_features, in_features):
+        raise ValueError(
+            f"{_label(name)}: whitening factor has shape {tuple(whitening.lower.shape)}, "
+            f"expected ({in_features}, {in_features})"
+        )
+
+
+def spectral_factors(
+    weight: Tensor, keep: int, whitening: Whitening | None = None, name: str | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One SVD of W [out, in] (or of W·L) giving both its spectrum and its best factors.
+
+    Returns (σ [min(out, in)] descending, up [out, keep], down [keep, in]), float64, where
+    ``up·down`` is the best rank-``keep`` approximation (in the whitened output norm when
+    ``whitening`` is given; ``down`` is un-whitened) and the top-r slices ``up[:, :r]``,
+    ``down[:r]`` are the best rank-r factors for every r ≤ ``keep``. ``keep`` may be 0
+    (spectrum only, but then :func:`singular_values` is cheaper).
+    """
+    check_weight(weight, "weight", name)
+    out_features, in_features = weight.shape
+    limit = min(out_features, in_features)
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or not 0 <= keep <= limit:
+        raise ValueError(f"{_label(name)}: keep={keep!r} components, choose 0..{limit}")
+    _check_whitening(whitening, in_features, name)
+    matrix = weight.double()
+    if whitening is not None:
+        matrix = matrix @ whitening.lower.to(matrix.device)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    up, down = _split_sigma(u, s, vh, int(keep))
+    if whitening is not None:
+        down = _unwhiten(down, whitening.lower.to(matrix.device))
+    return s, up, down
+
+
+def _check_pair(up: Tensor, down: Tensor, name: str | None) -> None:
+    check_weight(up, "up", name)
+    check_weight(down, "down", name)
+    if down.shape[0] != up.shape[1]:
+        raise ValueError(
+            f"{_label(name)}: up {tuple(up.shape)} and down {tuple(down.shape)} disagree on rank"
+        )
+
+
+def lowrank_spectral_factors(
+    up: Tensor,
+    down: Tensor,
+    keep: int,
+    whitening: Whitening | None = None,
+    name: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`spectral_factors` of P = up·down [out, in] (rank r) by the QR core, no dense SVD.
+
+    up = Q₁R₁, (down·L)ᵀ = Q₂R₂, SVD of the r×r core R₁R₂ᵀ = U_c Σ V_cᵀ; then P·L =
+    (Q₁U_c) Σ (Q₂V_c)ᵀ. Returns (σ [r], up' [out, keep], down' [keep, in]) float64, keep ≤ r.
+    Cost O((out + in)·r²).
+    """
+    _check_pair(up, down, name)
+    current, in_features = down.shape
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or not 0 <= keep <= current:
+        raise ValueError(f"{_label(name)}: keep={keep!r} components, choose 0..{current}")
+    _check_whitening(whitening, in_features, name)
+    up64, down64 = up.double(), down.double()
+    lower = None if whitening is None else whitening.lower.to(down64.device)
+    if lower is not None:
+        down64 = down64 @ lower
+    q1, r1 = torch.linalg.qr(up64)
+    q2, r2 = torch.linalg.qr(down64.T)
+    u_core, sigma, vh_core = torch.linalg.svd(r1 @ r2.T)
+    new_up, new_down = _split_sigma(q1 @ u_core[:, :keep], sigma, vh_core[:keep] @ q2.T, keep)
+    if lower is not None:
+        new_down = _unwhiten(new_down, lower)
+    return sigma, new_up, new_down
+
+
+def svd_factors(weight: Tensor, rank: int, name: str | None = None) -> tuple[Tensor, Tensor]:
+    """Best rank-r factors of W [out, in] in Frobenius norm: (up [out, r], down [r, in]), fp64."""
+    check_weight(weight, "weight", name)
+    rank = check_rank(rank, *weight.shape, name)
+    _, up, down = spectral_factors(weight, rank, None, name)
+    return up, down
 
 
 def whitened_svd_factors(
@@ -124,26 +286,11 @@ def whitened_svd_factors(
     Returns ((up [out, r], down [r, in]), ridge) where ridge is the relative Cholesky ridge
     (0.0 when G was positive definite). Σ‖(W − up·down)x‖² = Σ_{i>r} σ_i(W L)².
     """
-    out_features, in_features = weight.shape
-    check_rank(rank, out_features, in_features, name)
-    check_finite(weight, "weight", name)
-    check_gram(gram, in_features, name)
-    lower, ridge = cholesky_factor(gram.to(weight.device), name)
-    u, s, vh = torch.linalg.svd(weight.double() @ lower, full_matrices=False)
-    up, down_white = _split_sigma(u, s, vh, rank)
-    return (up, _unwhiten(down_white, lower)), ridge
-
-
-def _core_svd(up: Tensor, down_side: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """SVD of P = up · down_sideᵀ, with up [m, r] and down_side [n, r], via a QR of each.
-
-    Returns (Q₁ [m, r], U_c [r, r], σ [r], V_cᵀ [r, r], Q₂ [n, r]) with
-    P = Q₁ U_c diag(σ) V_cᵀ Q₂ᵀ.
-    """
-    q1, r1 = torch.linalg.qr(up)
-    q2, r2 = torch.linalg.qr(down_side)
-    u_core, sigma, vh_core = torch.linalg.svd(r1 @ r2.T)
-    return q1, u_core, sigma, vh_core, q2
+    check_weight(weight, "weight", name)
+    rank = check_rank(rank, *weight.shape, name)
+    white = Whitening.of(gram, weight.shape[1], name, weight.device)
+    _, up, down = spectral_factors(weight, rank, white, name)
+    return (up, down), white.ridge
 
 
 def truncate_factors(
@@ -154,63 +301,59 @@ def truncate_factors(
     up [out, r], down [r, in] → ((up' [out, k], down' [k, in]), ridge), float64. Without a Gram
     this minimises ‖P − up'·down'‖_F; with one, Σ‖(P − up'·down')x‖² over the Gram's inputs.
     """
+    _check_pair(up, down, name)
     out_features, current = up.shape
     in_features = down.shape[1]
-    if down.shape[0] != current:
-        raise ValueError(
-            f"{_label(name)}: up {tuple(up.shape)} and down {tuple(down.shape)} disagree on rank"
-        )
-    check_rank(rank, out_features, in_features, name)
+    rank = check_rank(rank, out_features, in_features, name)
     if rank > current:
         raise ValueError(
             f"{_label(name)}: cannot truncate rank {current} up to {rank}; "
             f"choose a rank in 1..{current}"
         )
-    check_finite(up, "up", name)
-    check_finite(down, "down", name)
-    up64, down64 = up.double(), down.double()
-    lower, ridge = None, 0.0
-    if gram is not None:
-        check_gram(gram, in_features, name)
-        lower, ridge = cholesky_factor(gram.to(up.device), name)
-        down64 = down64 @ lower
-    q1, u_core, sigma, vh_core, q2 = _core_svd(up64, down64.T)
-    new_up, new_down = _split_sigma(q1 @ u_core, sigma, vh_core @ q2.T, rank)
-    if lower is not None:
-        new_down = _unwhiten(new_down, lower)
-    return (new_up, new_down), ridge
+    white = None if gram is None else Whitening.of(gram, in_features, name, down.device)
+    _, new_up, new_down = lowrank_spectral_factors(up, down, rank, white, name)
+    return (new_up, new_down), 0.0 if white is None else white.ridge
 
 
 def singular_values(
-    weight: Tensor, gram: Tensor | None = None, name: str | None = None
+    weight: Tensor,
+    gram: Tensor | None = None,
+    name: str | None = None,
+    whitening: Whitening | None = None,
 ) -> tuple[Tensor, float]:
     """Descending σ of W [out, in] (or of W·L with G = L Lᵀ), float64, and the Cholesky ridge.
 
-    Dropping component i costs σ_i² of (whitened) output error.
+    Dropping component i costs σ_i² of (whitened) output error. A precomputed ``whitening``
+    replaces ``gram``.
     """
-    check_finite(weight, "weight", name)
-    matrix, ridge = weight.double(), 0.0
-    if gram is not None:
-        check_gram(gram, weight.shape[1], name)
-        lower, ridge = cholesky_factor(gram.to(weight.device), name)
-        matrix = matrix @ lower
-    return torch.linalg.svdvals(matrix), ridge
+    check_weight(weight, "weight", name)
+    if whitening is None and gram is not None:
+        whitening = Whitening.of(gram, weight.shape[1], name, weight.device)
+    _check_whitening(whitening, weight.shape[1], name)
+    matrix = weight.double()
+    if whitening is not None:
+        matrix = matrix @ whitening.lower.to(matrix.device)
+    return torch.linalg.svdvals(matrix), 0.0 if whitening is None else whitening.ridge
 
 
 def lowrank_singular_values(
-    up: Tensor, down: Tensor, gram: Tensor | None = None, name: str | None = None
+    up: Tensor,
+    down: Tensor,
+    gram: Tensor | None = None,
+    name: str | None = None,
+    whitening: Whitening | None = None,
 ) -> tuple[Tensor, float]:
     """Descending σ [r] of up·down (or up·down·L), float64, via the QR core, and the ridge."""
-    check_finite(up, "up", name)
-    check_finite(down, "down", name)
-    down64, ridge = down.double(), 0.0
-    if gram is not None:
-        check_gram(gram, down.shape[1], name)
-        lower, ridge = cholesky_factor(gram.to(down.device), name)
-        down64 = down64 @ lower
+    _check_pair(up, down, name)
+    if whitening is None and gram is not None:
+        whitening = Whitening.of(gram, down.shape[1], name, down.device)
+    _check_whitening(whitening, down.shape[1], name)
+    down64 = down.double()
+    if whitening is not None:
+        down64 = down64 @ whitening.lower.to(down64.device)
     r1 = torch.linalg.qr(up.double(), mode="r")[1]
     r2 = torch.linalg.qr(down64.T, mode="r")[1]
-    return torch.linalg.svdvals(r1 @ r2.T), ridge
+    return torch.linalg.svdvals(r1 @ r2.T), 0.0 if whitening is None else whitening.ridge
 
 
 def init_factors_(up: Tensor, down: Tensor) -> None:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from plrd.factorize import (
-    check_gram,
+    check_features,
     check_rank,
     init_factors_,
     svd_factors,
@@ -14,6 +14,14 @@ from plrd.factorize import (
     whitened_svd_factors,
 )
 from plrd_kernels import lowrank_linear
+
+
+def _check_dtype(dtype: torch.dtype | None) -> None:
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(
+            f"dtype={dtype!r} is not a floating-point torch dtype; pass e.g. torch.float32, "
+            "torch.bfloat16, or None for the default"
+        )
 
 
 class LowRankLinear(nn.Module):
@@ -37,7 +45,12 @@ class LowRankLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_rank(rank, out_features, in_features)
+        check_features(in_features, out_features)
+        rank = check_rank(rank, out_features, in_features)
+        if not isinstance(bias, bool):
+            raise ValueError(f"bias must be True or False, got {bias!r}")
+        _check_dtype(dtype)
+        in_features, out_features = int(in_features), int(out_features)
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
@@ -80,13 +93,28 @@ class LowRankLinear(nn.Module):
     def from_linear(
         cls, linear: nn.Linear, rank: int, gram: Tensor | None = None, name: str | None = None
     ) -> LowRankLinear:
-        """Factor a dense ``nn.Linear`` at ``rank``.
+        """Factor a dense ``nn.Linear`` (or Hugging Face ``Conv1D``) at ``rank``.
 
         Without ``gram``: plain SVD, the best rank-r approximation of W in Frobenius norm. With
         ``gram`` = Σ xᵀx [in, in] of the layer's inputs (``plrd.collect_grams``): whitened SVD,
         the best rank-r approximation of the layer's outputs on those inputs. ``name`` labels
-        error messages.
+        error messages. Raises ValueError (before any work) for a rank outside 1..min(in, out),
+        non-finite or non-floating weights, or a Gram of the wrong shape or with NaN/inf.
         """
+        from plrd.targets import as_linear, is_conv1d
+
+        if isinstance(linear, LowRankLinear):
+            raise ValueError(
+                f"{'layer ' + repr(name) if name else 'layer'} is already a LowRankLinear; "
+                "use layer.truncate(rank, gram) to lower its rank"
+            )
+        if is_conv1d(linear):
+            linear = as_linear(linear)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(
+                f"from_linear needs an nn.Linear (or Hugging Face Conv1D), got "
+                f"{type(linear).__name__}"
+            )
         weight = linear.weight.detach()
         if gram is None:
             up, down = svd_factors(weight, rank, name)
@@ -101,13 +129,10 @@ class LowRankLinear(nn.Module):
         """A new layer with the optimal rank-``rank`` approximation of ``up @ down``.
 
         Uses the QR-core method (no dense SVD, O((in + out)·r²)); with ``gram`` the optimum is
-        taken in the whitened output norm, as in :meth:`from_linear`.
+        taken in the whitened output norm, as in :meth:`from_linear`. Raises ValueError for a
+        rank outside 1..current rank or a bad Gram, before any work.
         """
-        if gram is not None:
-            check_gram(gram, self.in_features, name)
-        (up, down), ridge = truncate_factors(
-            self.up.detach(), self.down.detach(), rank, gram, name
-        )
+        (up, down), ridge = truncate_factors(self.up.detach(), self.down.detach(), rank, gram, name)
         return type(self)._from_factors(up, down, self.bias, self.up, ridge)
 
     def dense_weight(self) -> Tensor:

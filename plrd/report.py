@@ -108,4 +108,20 @@ class DecompositionReport:
             f"({100 * self.kept_fraction:.2f}% kept; target {self.target_params:,} = "
             f"{100 * self.keep:.2f}%, off by {100 * self.relative_error:+.2f}%)"
         )
+        note = self.ridge_note()
+        if note:
+            out.append(note)
         return "\n".join(out)
+
+    def ridge_note(self) -> str:
+        """A sentence on the layers whose Gram needed a ridge ("" when none did)."""
+        ridges = self.ridges
+        if not ridges:
+            return ""
+        worst = max(ridges, key=ridges.get)
+        return (
+            f"note: {len(ridges)} layer(s) had a singular calibration Gram and were whitened with "
+            f"a Cholesky ridge (largest {ridges[worst]:.0e}·mean(diag) on {worst!r}): their "
+            "calibration inputs span fewer directions than the layer has inputs (dead features "
+            "or too few tokens); more calibration tokens give a more faithful whitening"
+        )

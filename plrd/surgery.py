@@ -10,6 +10,11 @@ break-even ⌊in·out/(in+out)⌋ (or its current rank) is left as it is.
 
 All checks and all new layers are computed before the first module is swapped, so a failure
 leaves the model untouched.
+
+Work is not repeated within one call: layers sharing a Gram (q/k/v, gate/up: ``collect_grams``
+returns one tensor for them) share one Cholesky factor, and global allocation takes each layer's
+spectrum and factors from one SVD (the factors up to the largest useful rank are kept, in the
+layer's dtype, until the ranks are known: at most the size of the targeted weights).
 """
 
 from __future__ import annotations
@@ -18,21 +23,24 @@ import math
 import numbers
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor, nn
 
 from plrd.counting import count_parameters
 from plrd.factorize import (
+    Whitening,
     check_finite,
     check_gram,
-    lowrank_singular_values,
-    singular_values,
+    check_weight,
+    cholesky_factor,
+    lowrank_spectral_factors,
+    spectral_factors,
 )
 from plrd.layer import LowRankLinear
 from plrd.ranks import LayerSpec, global_ranks, min_weight_params, uniform_ranks
 from plrd.report import DecompositionReport, LayerChange
 from plrd.targets import (
     Patterns,
-    as_linear,
     dense_weight,
     find_targets,
     is_lowrank,
@@ -78,10 +86,10 @@ def _check_layers(
     checked: set[int] = set()
     for name, module in layers.items():
         if is_lowrank(module):
-            check_finite(module.up.detach(), "up", name)
-            check_finite(module.down.detach(), "down", name)
+            check_weight(module.up.detach(), "up", name)
+            check_weight(module.down.detach(), "down", name)
         else:
-            check_finite(dense_weight(module).detach(), "weight", name)
+            check_weight(dense_weight(module).detach(), "weight", name)
         bias = getattr(module, "bias", None)
         if bias is not None:
             check_finite(bias.detach(), "bias", name)
@@ -98,10 +106,47 @@ def _spec(name: str, module: nn.Module) -> LayerSpec:
     return LayerSpec(name, n_in, n_out, module.rank if is_lowrank(module) else None)
 
 
-def _spectrum(module: nn.Module, gram: Tensor | None, name: str) -> tuple[Tensor, float]:
+class _Whitenings:
+    """Cholesky factors of the (already checked) Grams, one per Gram tensor and device."""
+
+    def __init__(self, grams: Mapping[str, Tensor | None]) -> None:
+        self.grams = grams
+        self.cache: dict[tuple[int, str], Whitening] = {}
+
+    def get(self, name: str, module: nn.Module) -> Whitening | None:
+        gram = self.grams[name]
+        if gram is None:
+            return None
+        device = _weight(module).device
+        key = (id(gram), str(device))  # self.grams keeps every Gram alive: ids stay unique
+        if key not in self.cache:
+            self.cache[key] = Whitening(*cholesky_factor(gram.to(device), name))
+        return self.cache[key]
+
+
+def _weight(module: nn.Module) -> Tensor:
+    """A parameter giving the layer's dtype, device and requires_grad."""
+    return module.up if is_lowrank(module) else dense_weight(module)
+
+
+def _factors(
+    module: nn.Module, keep: int, white: Whitening | None, name: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(σ, up [out, keep], down [keep, in]) of the layer's (whitened) weight, float64."""
     if is_lowrank(module):
-        return lowrank_singular_values(module.up.detach(), module.down.detach(), gram, name)
-    return singular_values(dense_weight(module).detach(), gram, name)
+        return lowrank_spectral_factors(module.up.detach(), module.down.detach(), keep, white, name)
+    return spectral_factors(dense_weight(module).detach(), keep, white, name)
+
+
+def _new_layer(
+    module: nn.Module, up: Tensor, down: Tensor, white: Whitening | None
+) -> LowRankLinear:
+    like = _weight(module)
+    new = LowRankLinear._from_factors(
+        up, down, getattr(module, "bias", None), like, 0.0 if white is None else white.ridge
+    )
+    new.train(module.training)
+    return new
 
 
 def _bias_params(module: nn.Module) -> int:
@@ -141,6 +186,13 @@ def decompose(
     """
     from tqdm.auto import tqdm
 
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"decompose needs a torch.nn.Module as model, got {type(model).__name__}")
+    if grams is not None and not isinstance(grams, Mapping):
+        raise ValueError(
+            f"grams must map layer names to Gram matrices (plrd.collect_grams output), got "
+            f"{type(grams).__name__}"
+        )
     keep = _check_keep(keep)
     if method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
@@ -166,28 +218,37 @@ def decompose(
             f"{smallest / total:.4f}: raise keep or target more layers"
         )
 
-    ridges: dict[str, float] = {}
+    whitenings = _Whitenings(layer_grams)
+    ridges: dict[str, float] = {}  # layers whose Gram was factored: its relative ridge
+    cached: dict[str, tuple[Tensor, Tensor]] = {}
     if allocation == "uniform":
         ranks = uniform_ranks(specs, budget)
     else:
         spectra = {}
-        for name, module in tqdm(
-            layers.items(), desc="spectra", unit="layer", disable=not progress
-        ):
-            spectra[name], ridges[name] = _spectrum(module, layer_grams[name], name)
+        for spec in tqdm(specs, desc="spectra", unit="layer", disable=not progress):
+            module = layers[spec.name]
+            white = whitenings.get(spec.name, module)
+            useful = max(spec.threshold - 1, 0)  # a rank at or above the threshold changes nothing
+            spectra[spec.name], up, down = _factors(module, useful, white, spec.name)
+            ridges[spec.name] = 0.0 if white is None else white.ridge
+            like = _weight(module)
+            cached[spec.name] = (up.to(like.dtype), down.to(like.dtype))
         ranks = global_ranks(specs, spectra, budget)
 
     changes = {n: r for n, r in ranks.items() if r is not None}
+    cached = {n: f for n, f in cached.items() if n in changes}
     new_modules: dict[str, LowRankLinear] = {}
     for name in tqdm(changes, desc="factoring", unit="layer", disable=not progress):
-        module, rank, gram = layers[name], changes[name], layer_grams[name]
-        if is_lowrank(module):
-            new = module.truncate(rank, gram, name)
+        module, rank = layers[name], changes[name]
+        white = whitenings.get(name, module)
+        if name in cached:
+            up, down = cached.pop(name)
+            up = up[:, :rank].clone(memory_format=torch.contiguous_format)
+            down = down[:rank].clone(memory_format=torch.contiguous_format)
         else:
-            new = LowRankLinear.from_linear(as_linear(module), rank, gram, name)
-        new.train(module.training)
-        new_modules[name] = new
-        ridges[name] = new.ridge
+            _, up, down = _factors(module, rank, white, name)
+        new_modules[name] = _new_layer(module, up, down, white)
+        ridges[name] = new_modules[name].ridge
 
     rows = []
     for spec in specs:

@@ -136,10 +136,18 @@ def _as_list(patterns: Patterns) -> list[str]:
         return []
     if isinstance(patterns, str):
         return [patterns]
+    if not isinstance(patterns, Iterable):
+        raise ValueError(
+            f"layer patterns must be a string or a list of strings, got {patterns!r}; "
+            'e.g. targets="mlp.*" or targets=["q_proj", "v_proj"]'
+        )
     out = list(patterns)
     for p in out:
         if not isinstance(p, str):
-            raise ValueError(f"layer patterns must be strings, got {p!r}")
+            raise ValueError(
+                f"layer patterns must be strings, got {p!r} in {out!r}; "
+                'e.g. targets=["q_proj", "v_proj"]'
+            )
     return out
 
 

@@ -220,3 +220,32 @@ def test_unknown_method_allocation_and_pattern():
         plrd.decompose(model, 0.5, method="svd", allocation="greedy", progress=False)
     with pytest.raises(ValueError, match=r"'attn\.qkv'.*available layers: model\.layers\.0"):
         plrd.decompose(model, 0.5, targets="attn.qkv", method="svd", progress=False)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_decompose_equals_from_linear_and_factors_each_gram_once(allocation, monkeypatch):
+    import plrd.surgery as surgery
+
+    dense = tiny_llama()
+    grams = plrd.collect_grams(dense, token_batches(), progress=False)
+    model = copy.deepcopy(dense)
+    calls = []
+    original = surgery.cholesky_factor
+
+    def counting(gram, name=None):
+        calls.append(id(gram))
+        return original(gram, name)
+
+    monkeypatch.setattr(surgery, "cholesky_factor", counting)
+    plrd.decompose(model, 0.6, grams=grams, allocation=allocation, progress=False)
+    factored = _lowrank(model)
+    assert len(calls) == len(set(calls))  # q/k/v and gate/up share one Cholesky
+    assert set(calls) == {id(grams[n]) for n in factored}
+    for name, layer in factored.items():
+        reference = plrd.LowRankLinear.from_linear(
+            dense.get_submodule(name), layer.rank, grams[name]
+        )
+        torch.testing.assert_close(layer.up, reference.up, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.down, reference.down, rtol=1e-5, atol=1e-6)
+        assert layer.up.is_contiguous() and layer.down.is_contiguous()
+        assert layer.down.untyped_storage().nbytes() == layer.down.numel() * 4  # no cache kept

@@ -11,6 +11,9 @@ A dense weight W [out, in] is replaced by ``up @ down`` with up [out, r] and dow
   up = Q₁R₁, downᵀ = Q₂R₂, so P = Q₁ (R₁R₂ᵀ) Q₂ᵀ; the SVD of the r×r core gives the SVD of P.
   Cost O((out + in)·r²) instead of O(out·in·min(out, in)). With a Gram, ``down`` is whitened
   (down·L) first and un-whitened after.
+* Reuse: :class:`Whitening` holds one Gram's Cholesky factor for every layer reading that
+  input; :func:`spectral_factors` / :func:`lowrank_spectral_factors` return a layer's spectrum
+  and its top-k factors from one SVD, so the factors for any rank r ≤ k are slices.
 
 Every function returns tensors on the input's device in float64 unless it says otherwise; the
 layer code casts results back to the parameter dtype.

@@ -254,3 +254,17 @@ def test_load_rejects_a_missing_directory_and_a_file_target(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file, not a directory"):
         plrd.save(nn.Linear(2, 2), tmp_path / "file")
+
+
+def test_load_pretrained_verifies_the_weights(tmp_path):
+    model = _decomposed()
+    plrd.save(model, tmp_path)
+    model.config.save_pretrained(tmp_path)
+    loaded = plrd.load_pretrained(tmp_path)
+    assert torch.equal(_logits(loaded), _logits(model))
+    weights = tmp_path / WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME}: checksum mismatch"):
+        plrd.load_pretrained(tmp_path)

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2, token_batches
 from torch import nn
 
 import plrd
+from tests.tiny_models import tiny_bert, tiny_gpt2, token_batches
 
 
 def _exact(x: torch.Tensor) -> torch.Tensor:

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_MODELS, tiny_gpt2, tiny_llama, token_batches
 from safetensors import safe_open
 from torch import nn
 
 import plrd
 from plrd.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
+from tests.tiny_models import TINY_MODELS, tiny_gpt2, tiny_llama, token_batches
 
 
 def _logits(model, batch):

@@ -1,11 +1,11 @@
 """count_parameters: tied and shared tensors count once; factored layers count r·(in+out)."""
 
 import torch
-from conftest import HIDDEN, VOCAB, tiny_gpt2, tiny_llama
 from torch import nn
 
 import plrd
 from plrd.counting import dense_params, lowrank_params
+from tests.tiny_models import HIDDEN, VOCAB, tiny_gpt2, tiny_llama
 
 
 def _naive(model: nn.Module) -> int:

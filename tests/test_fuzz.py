@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_llama, token_batches
 from torch import nn
 
 import plrd
@@ -18,6 +17,7 @@ from plrd import LowRankLinear
 from plrd.factorize import break_even_rank
 from plrd.ranks import LayerSpec
 from plrd.targets import find_targets, layer_shape
+from tests.tiny_models import tiny_llama, token_batches
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama, token_batches
 from torch import nn
 
 import plrd
 from plrd import checkpoint
 from plrd.checkpoint import MANIFEST_NAME, WEIGHTS_NAME, verify_checkpoint
 from plrd.integrity import read_safetensors_header, sha256_file
+from tests.tiny_models import tiny_llama, token_batches
 
 
 def _decomposed(keep=0.6):

@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_MODELS, tiny_bert, tiny_gpt2, tiny_llama, token_batches
 from torch import nn
 
 import plrd
 from plrd.targets import as_linear, find_targets, head_names
+from tests.tiny_models import TINY_MODELS, tiny_bert, tiny_gpt2, tiny_llama, token_batches
 
 KEEP = 0.55
 

@@ -6,12 +6,12 @@ method/allocation/pattern, missing Grams, rank out of range in the math) are not
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama, token_batches
 from torch import nn
 
 import plrd
 from plrd import LowRankLinear
 from plrd.factorize import cholesky_factor
+from tests.tiny_models import tiny_gpt2, tiny_llama, token_batches
 
 
 def _state(model):

@@ -234,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.checkpoint_every,
         help="steps between resumable checkpoints (0: only at the end of a stage)",
     )
+    fam.add_argument(
+        "--train-embeddings",
+        action="store_true",
+        help="also train the token embeddings / output head (frozen by default: Adam moves "
+        "every vocabulary row each step, which hurts on small corpora)",
+    )
     fam.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(fam, d)
 
@@ -299,6 +305,7 @@ def _family_config(args: argparse.Namespace) -> FamilyConfig:
         eval_batch_size=args.eval_batch_size,
         held_out_fraction=args.held_out_fraction,
         checkpoint_every=args.checkpoint_every,
+        train_embeddings=args.train_embeddings,
         progress=not args.no_progress,
     )
 

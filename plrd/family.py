@@ -61,6 +61,7 @@ RECIPE_KEYS = (
     "calib_tokens",
     "eval_tokens",
     "held_out_fraction",
+    "train_embeddings",
 )
 
 
@@ -88,6 +89,7 @@ class FamilyConfig:
     eval_batch_size: int = 8
     held_out_fraction: float = 0.1
     checkpoint_every: int = 10
+    train_embeddings: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -133,6 +135,7 @@ class FamilyConfig:
             warmup=self.warmup,
             objective=self.objective,
             checkpoint_every=self.checkpoint_every,
+            train_embeddings=self.train_embeddings,
             seed=self.seed,
             progress=self.progress,
         )

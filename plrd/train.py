@@ -52,6 +52,7 @@ class TrainConfig:
     kd_alpha: float = 0.5
     kd_temperature: float = 1.0
     checkpoint_every: int = 10
+    train_embeddings: bool = False
     seed: int = 0
     progress: bool = True
 
@@ -136,6 +137,20 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def freeze_embeddings(model: torch.nn.Module) -> None:
+    """Stop training the token embeddings and the output head (tied or not).
+
+    With Adam, every row of the output embedding moves by about ``lr`` per step, even the rows of
+    tokens absent from the batch (the softmax gives them tiny gradients that Adam normalises), so
+    a few thousand tokens of narrow text shift the logits of the whole vocabulary.
+    """
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, get, lambda: None)()
+        if module is not None:
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+
 def checkpoint_dir(work_dir: str | Path) -> Path:
     return Path(work_dir) / CHECKPOINT
 
@@ -209,6 +224,8 @@ def train_stage(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
+    if not cfg.train_embeddings:
+        freeze_embeddings(model)
     optimizer = torch.optim.AdamW(
         _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8
     )

@@ -78,6 +78,7 @@ def test_training_lowers_the_loss(tiny_model_dir, tmp_path):
         batch_size=4,
         lr=3e-3,
         objective="lm",
+        train_embeddings=True,
         checkpoint_every=0,
         progress=False,
     )
@@ -87,6 +88,19 @@ def test_training_lowers_the_loss(tiny_model_dir, tmp_path):
     assert result.tokens == 12 * 4 * 32 and result.steps == 12
     assert log[-1]["loss"] < log[0]["loss"] - 0.5
     assert all(math.isfinite(r["grad_norm"]) for r in log)
+
+
+def test_embeddings_are_frozen_unless_asked(tiny_model_dir, tmp_path):
+    model = _tiny(tiny_model_dir)
+    emb = model.get_input_embeddings().weight.detach().clone()
+    q = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    cfg = TrainConfig(
+        tokens=2 * 2 * 32, batch_size=2, objective="lm", checkpoint_every=0, progress=False
+    )
+    train_stage(model, _blocks(tiny_model_dir), cfg, tmp_path)
+    assert torch.equal(model.get_input_embeddings().weight, emb)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, q)
 
 
 def test_interrupted_stage_resumes_to_identical_weights(tiny_model_dir, tmp_path):

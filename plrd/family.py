@@ -74,7 +74,7 @@ class FamilyConfig:
     tokens_per_stage: int = DEFAULT_TOKENS_PER_STAGE
     data: tuple[str, ...] = ()
     out: str = "family"
-    objective: str = "lm+kd"
+    objective: str = "lm"
     method: str = "whiten"
     allocation: str = "uniform"
     device: str = "auto"
@@ -82,8 +82,8 @@ class FamilyConfig:
     seq_len: int = 256
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 3e-4
-    warmup: float = 0.1
+    lr: float = 1e-4
+    warmup: float = 0.25
     calib_tokens: int = 4096
     eval_tokens: int = 4096
     eval_batch_size: int = 8

@@ -43,12 +43,12 @@ class TrainConfig:
     tokens: int
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 3e-4
+    lr: float = 1e-4
     min_lr_ratio: float = 0.1
-    warmup: float = 0.1
+    warmup: float = 0.25
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    objective: str = "lm+kd"
+    objective: str = "lm"
     kd_alpha: float = 0.5
     kd_temperature: float = 1.0
     checkpoint_every: int = 10

@@ -100,3 +100,38 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
+
+
+def check_writable_dir(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Raise ValueError unless ``path`` is (or can be created as) a directory we can write into.
+
+    Tries it for real: creates the missing directories and a temporary file in the deepest one,
+    then removes what it created, so a check that passes leaves the file system as it was. (A
+    permission test alone is not enough: root passes every ``os.access`` test.)
+    """
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{flag} {path} exists and is not a directory; pass a directory path")
+    missing = []
+    p = target
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    created: list[Path] = []
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+        fd, name = tempfile.mkstemp(prefix=".plrd-write-test.", dir=target)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ValueError(
+            f"{flag} {path} is not writable ({reason}: {err.filename or path}); choose a "
+            "directory you can write to"
+        ) from None
+    finally:
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                d.rmdir()

@@ -18,8 +18,9 @@ from plrd.family import (
     METHODS,
     FamilyConfig,
 )
-from plrd.train import OBJECTIVES
+from plrd.train import OBJECTIVES, TrainingDiverged
 
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -235,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps between resumable checkpoints (0: only at the end of a stage)",
     )
     fam.add_argument(
+        "--max-bad-steps",
+        type=_nonneg_int,
+        default=d.max_bad_steps,
+        help="steps in a row with a non-finite loss or gradient that are skipped before the "
+        "stage stops (keeping its last good checkpoint)",
+    )
+    fam.add_argument(
         "--train-embeddings",
         action="store_true",
         help="also train the token embeddings / output head (frozen by default: Adam moves "
@@ -307,13 +315,13 @@ def _family_config(args: argparse.Namespace) -> FamilyConfig:
         checkpoint_every=args.checkpoint_every,
         train_embeddings=args.train_embeddings,
         progress=not args.no_progress,
+        max_bad_steps=args.max_bad_steps,
     )
 
 
 def _precheck(args: argparse.Namespace) -> None:
     """Checks that need no model: data paths, model name, device, output location."""
-    from pathlib import Path
-
+    from plrd.atomic import check_writable_dir
     from plrd.data import load_documents
     from plrd.family import resolve_device
     from plrd.models import ALIASES, find_smollm2_gguf, resolve_model
@@ -329,8 +337,8 @@ def _precheck(args: argparse.Namespace) -> None:
     if getattr(args, "device", None) is not None:
         resolve_device(args.device)
     out = getattr(args, "out", None)
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+    if out is not None:
+        check_writable_dir(out)
 
 
 def _quiet_transformers() -> None:
@@ -374,6 +382,20 @@ def _run(args: argparse.Namespace) -> int:
     raise UsageError(f"plrd: error: unknown command {args.command!r}")
 
 
+def _report(err: BaseException, command: str, debug: bool, code: int) -> int:
+    """Print ``err`` as one line ``plrd COMMAND: error: ...`` (or its traceback with --debug)."""
+    if debug:
+        traceback.print_exc()
+    prog = f"plrd {command}"
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+        message = f"{type(err).__name__}: {message}"
+    if not message.startswith(prog):
+        message = f"{prog}: error: {message}"
+    print(message, file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``plrd`` console script and ``python -m plrd``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -386,15 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return _run(args)
-    except (UsageError, ValueError, FileNotFoundError) as err:
-        if debug:
-            traceback.print_exc()
-        prog = f"plrd {args.command}"
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if not message.startswith(prog):
-            message = f"{prog}: error: {message}"
-        print(message, file=sys.stderr)
-        return EXIT_USAGE
+    except (UsageError, ValueError, FileNotFoundError) as err:  # bad input
+        return _report(err, args.command, debug, EXIT_USAGE)
+    except (TrainingDiverged, OSError) as err:  # a failure while working
+        return _report(err, args.command, debug, EXIT_FAILURE)
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from plrd.atomic import read_json
-from plrd.family import MANIFEST, format_params, format_table, resolve_device
+from plrd.family import MANIFEST, check_model, format_params, format_table, resolve_device
 
 
 def _corpus(args: argparse.Namespace, tokenizer):
@@ -31,6 +31,7 @@ def run_decompose(args: argparse.Namespace) -> dict:
     corpus = _corpus(args, tokenizer)
     torch.manual_seed(args.seed)
     model, tokenizer, _ = load_model(args.model, device)
+    check_model(model, args.model, (args.size,))
     before = count_parameters(model)
     started = time.perf_counter()
     calib = corpus.calibration_blocks(args.calib_tokens, seed=args.seed)

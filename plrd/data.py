@@ -106,23 +106,39 @@ def read_documents(files: Iterable[Path], doc_chars: int = DEFAULT_DOC_CHARS) ->
     """The documents in ``files`` (see the module docstring for how each suffix is read)."""
     docs: list[str] = []
     for f in files:
-        if f.suffix.lower() in JSONL_SUFFIXES:
-            with open(f, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{f}:{lineno} is not valid JSON ({err.msg})") from None
-                    text = record.get("text") if isinstance(record, dict) else None
-                    if not isinstance(text, str):
-                        raise ValueError(f"{f}:{lineno} has no string 'text' field")
-                    if text.strip():
-                        docs.append(text)
-        else:
-            text = f.read_text(encoding="utf-8", errors="replace")
-            docs.extend(split_paragraphs(text, doc_chars))
+        try:
+            docs.extend(_read_file(f, doc_chars))
+        except OSError as err:
+            raise ValueError(
+                f"data file {f} cannot be read ({err.strerror or type(err).__name__}); check "
+                "that it exists and that you may read it"
+            ) from None
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"data file {f} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                "convert it to UTF-8"
+            ) from None
+    return docs
+
+
+def _read_file(f: Path, doc_chars: int) -> list[str]:
+    """The documents of one file: a ``.jsonl`` record's ``text`` each, else paragraph groups."""
+    if f.suffix.lower() not in JSONL_SUFFIXES:
+        return split_paragraphs(f.read_text(encoding="utf-8", errors="replace"), doc_chars)
+    docs: list[str] = []
+    with open(f, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{f}:{lineno} is not valid JSON ({err.msg})") from None
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(f"{f}:{lineno} has no string 'text' field")
+            if text.strip():
+                docs.append(text)
     return docs
 
 

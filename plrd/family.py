@@ -32,7 +32,13 @@ from typing import Any
 
 import torch
 
-from plrd.atomic import read_json, remove_stale_temporaries, write_json, write_text
+from plrd.atomic import (
+    check_writable_dir,
+    read_json,
+    remove_stale_temporaries,
+    write_json,
+    write_text,
+)
 from plrd.data import Corpus, build_corpus, load_documents
 from plrd.evaluate import EvalResult, evaluate
 from plrd.train import OBJECTIVES, TrainConfig, checkpoint_dir, has_checkpoint, train_stage
@@ -91,6 +97,7 @@ class FamilyConfig:
     checkpoint_every: int = 10
     train_embeddings: bool = False
     progress: bool = True
+    max_bad_steps: int = 10
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -119,6 +126,8 @@ class FamilyConfig:
             raise ValueError(
                 f"--warmup is a fraction of the stage's steps in [0, 1), got {self.warmup}"
             )
+        if self.max_bad_steps < 0:
+            raise ValueError(f"--max-bad-steps must be >= 0, got {self.max_bad_steps}")
         if not 0 < self.held_out_fraction < 1:
             raise ValueError(f"--held-out-fraction must be in (0, 1), got {self.held_out_fraction}")
 
@@ -138,6 +147,7 @@ class FamilyConfig:
             train_embeddings=self.train_embeddings,
             seed=self.seed,
             progress=self.progress,
+            max_bad_steps=self.max_bad_steps,
         )
 
 
@@ -157,6 +167,44 @@ def check_sizes(sizes: Sequence[float]) -> None:
     for a, b in zip(sizes[:-1], sizes[1:], strict=True):
         if not b < a:
             raise ValueError(f"--sizes must strictly decrease, but {b:g} follows {a:g}")
+
+
+def check_model(model: torch.nn.Module, name: str, sizes: Sequence[float] = ()) -> None:
+    """Refuse a model plrd cannot shrink, before any work: one with no targetable linear layer,
+    with NaN/inf weights, or too small to reach the smallest of ``sizes`` (fractions of its
+    parameters) even at rank 1 in every targeted layer. Raises ValueError naming the model."""
+    from plrd.counting import count_parameters
+    from plrd.ranks import LayerSpec, min_weight_params
+    from plrd.targets import find_targets, is_lowrank, layer_shape, linear_layers
+
+    try:
+        layers = find_targets(model)
+    except ValueError:
+        found = ", ".join(linear_layers(model)) or "none"
+        raise ValueError(
+            f"--model {name}: {type(model).__name__} has no linear layer plrd can factor "
+            f"(linear layers: {found}; output heads and layers tied to embeddings are kept "
+            "dense); pass a model with nn.Linear or Conv1D layers"
+        ) from None
+    for pname, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(
+                f"--model {name}: parameter {pname} holds NaN or inf values; the weights are "
+                "damaged: restore them or pass another model"
+            )
+    if sizes:
+        specs = [
+            LayerSpec(n, *layer_shape(m), m.rank if is_lowrank(m) else None)
+            for n, m in layers.items()
+        ]
+        total = count_parameters(model)
+        smallest = total - sum(s.weight_params for s in specs) + min_weight_params(specs)
+        if min(sizes) * total < smallest:
+            raise ValueError(
+                f"--sizes {min(sizes):g} is out of reach for --model {name}: even at rank 1 in "
+                f"all {len(specs)} targeted layers it keeps {smallest / total:.3f} of its "
+                f"parameters; use sizes above {smallest / total:.3f}"
+            )
 
 
 def size_key(size: float) -> str:
@@ -321,6 +369,7 @@ def build_family(
 
     cfg.validate()
     out = Path(cfg.out)
+    check_writable_dir(out)
     documents = load_documents(cfg.data)
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
@@ -329,6 +378,8 @@ def build_family(
     manifest = read_json(manifest_path) if manifest_path.is_file() else None
     if manifest is not None:
         _check_resumable(manifest, cfg, corpus)
+    parent, _, _ = load_model(cfg.model, device)
+    check_model(parent, cfg.model, cfg.sizes)
     out.mkdir(parents=True, exist_ok=True)
     for d in (out, out / "members", out / "stages"):
         remove_stale_temporaries(d)
@@ -337,7 +388,6 @@ def build_family(
     eval_blocks = corpus.eval_blocks(cfg.eval_tokens)
     calib_blocks = corpus.calibration_blocks(cfg.calib_tokens, seed=cfg.seed)
     say(f"corpus: {corpus.summary()}")
-    parent, _, _ = load_model(cfg.model, device)
     for p in parent.parameters():
         p.requires_grad_(False)
     parent_params = count_parameters(parent)
@@ -454,6 +504,7 @@ def build_family(
             "train_seconds": result.seconds,
             "keep": stage["keep"],
             "final_train_loss": result.final_loss,
+            "skipped_steps": result.skipped_steps,
         }
         entry["seconds"] = round(
             stage["prep_seconds"] + result.seconds + (time.perf_counter() - post_start), 1

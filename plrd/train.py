@@ -6,6 +6,12 @@ Objectives (per predicted token, averaged):
   kd      τ² · KL(p_t^τ ‖ p_s^τ) to the teacher (the parent), softmax at temperature τ
   lm+kd   (1 − α)·lm + α·kd
 
+Faults: a step whose loss or gradient norm is not finite (NaN/inf) is skipped: its batch is
+consumed and the schedule advances, but the weights and the optimizer state are left as they
+were. After more than ``max_bad_steps`` skipped steps in a row the stage stops with
+``TrainingDiverged``; the last checkpoint, which never holds non-finite weights (they are
+checked before each save), stays in place for a resume.
+
 A checkpoint (``<work_dir>/checkpoint``) holds the model (``plrd.save`` format: the factored
 layers are rebuilt by ``plrd.load``), the optimizer, the scheduler, the data position, the RNG
 states and the step; it is written atomically every ``checkpoint_every`` steps and at the end.
@@ -55,6 +61,7 @@ class TrainConfig:
     train_embeddings: bool = False
     seed: int = 0
     progress: bool = True
+    max_bad_steps: int = 10
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -63,6 +70,8 @@ class TrainConfig:
             )
         if self.tokens < 0:
             raise ValueError(f"token budget must be >= 0, got {self.tokens}")
+        if self.max_bad_steps < 0:
+            raise ValueError(f"max_bad_steps must be >= 0, got {self.max_bad_steps}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError(
                 f"batch size and grad accumulation must be >= 1, got {self.batch_size}, "
@@ -80,6 +89,20 @@ class TrainResult:
     tokens: int
     seconds: float
     final_loss: float | None
+    skipped_steps: int = 0
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped on non-finite losses, gradients or weights; the message names the step
+    and the checkpoint that was kept."""
+
+
+def all_finite(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter holding NaN or inf, or None when all are finite."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            return name
+    return None
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -185,6 +208,11 @@ def save_checkpoint(work_dir: Path, model: torch.nn.Module, state: dict) -> None
         torch.save(state, tmp / STATE)
 
 
+def _json_float(value: float, digits: int) -> float | None:
+    """``value`` rounded, or None for NaN/inf (not valid JSON)."""
+    return round(value, digits) if math.isfinite(value) else None
+
+
 def _trim_log(log_path: Path, step: int) -> None:
     """Drop log lines of steps after ``step`` (they are redone after a resume)."""
     if not log_path.is_file():
@@ -235,6 +263,7 @@ def train_stage(
     )
     stream = BlockStream(blocks, cfg.batch_size, cfg.seed)
     step, elapsed, last_loss = 0, 0.0, None
+    skipped, bad_in_row = 0, 0
     log_path = work_dir / LOG
 
     if has_checkpoint(work_dir):
@@ -250,7 +279,9 @@ def train_stage(
         stream.load_state_dict(state["stream"])
         _set_rng_state(state["rng"])
         step, elapsed, last_loss = state["step"], state["elapsed"], state["last_loss"]
+        skipped, bad_in_row = state.get("skipped", 0), state.get("bad_in_row", 0)
         _trim_log(log_path, step)
+    saved_step = step
 
     def snapshot() -> dict:
         return {
@@ -259,6 +290,8 @@ def train_stage(
             "tokens_per_step": tokens_per_step,
             "elapsed": elapsed,
             "last_loss": last_loss,
+            "skipped": skipped,
+            "bad_in_row": bad_in_row,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "stream": stream.state_dict(),
@@ -266,8 +299,24 @@ def train_stage(
             "config": asdict(cfg),
         }
 
-    if step == 0 and not has_checkpoint(work_dir):
+    def stop(why: str) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"{desc}: training stopped at step {step} of {total}: {why}; the last good "
+            f"checkpoint (step {saved_step}) is kept in {checkpoint_dir(work_dir)}; lower the "
+            "learning rate, check the data or allow more skipped steps (max_bad_steps), then "
+            "run the same command again to resume from it"
+        )
+
+    def checkpoint() -> None:
+        nonlocal saved_step
+        bad = all_finite(model)
+        if bad is not None:
+            raise stop(f"parameter {bad} holds NaN or inf values")
         save_checkpoint(work_dir, model, snapshot())
+        saved_step = step
+
+    if step == 0 and not has_checkpoint(work_dir):
+        checkpoint()
 
     bar = None
     if cfg.progress and step < total:
@@ -298,30 +347,45 @@ def train_stage(
                     parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
                 del logits, teacher_logits, loss
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            finite = math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm))
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            if finite:
+                optimizer.step()
+                bad_in_row = 0
+                last_loss = loss_sum
+            else:  # skip the update: weights and optimizer state stay as they were
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                bad_in_row += 1
             scheduler.step()
             step += 1
             dt = time.perf_counter() - t0
             elapsed += dt
-            last_loss = loss_sum
             record = {
                 "step": step,
                 "tokens": step * tokens_per_step,
-                "loss": round(loss_sum, 6),
-                **{k: round(v, 6) for k, v in parts_sum.items()},
+                "loss": _json_float(loss_sum, 6),
+                **{k: _json_float(v, 6) for k, v in parts_sum.items()},
                 "lr": lr,
-                "grad_norm": round(float(grad_norm), 4),
+                "grad_norm": _json_float(float(grad_norm), 4),
                 "tokens_per_s": round(tokens_per_step / dt, 2),
                 "elapsed": round(elapsed, 2),
             }
+            if not finite:
+                record["skipped"] = True
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_step / dt:.0f}")
                 bar.update(1)
+            if bad_in_row > cfg.max_bad_steps:
+                raise stop(
+                    f"{bad_in_row} steps in a row had a non-finite loss or gradient (loss "
+                    f"{loss_sum:g}, gradient norm {float(grad_norm):g}; more than "
+                    f"max_bad_steps={cfg.max_bad_steps})"
+                )
             if step == total or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
-                save_checkpoint(work_dir, model, snapshot())
+                checkpoint()
             if on_step is not None:
                 on_step(step)
     finally:
@@ -329,5 +393,9 @@ def train_stage(
             bar.close()
     model.eval()
     return TrainResult(
-        steps=total, tokens=total * tokens_per_step, seconds=elapsed, final_loss=last_loss
+        steps=total,
+        tokens=total * tokens_per_step,
+        seconds=elapsed,
+        final_loss=last_loss,
+        skipped_steps=skipped,
     )

@@ -24,6 +24,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -357,7 +358,9 @@ def train_stage(
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 bad_in_row += 1
-            scheduler.step()
+            with warnings.catch_warnings():  # a skipped first step is not a misordered call
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler", UserWarning)
+                scheduler.step()
             step += 1
             dt = time.perf_counter() - t0
             elapsed += dt

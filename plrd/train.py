@@ -15,6 +15,9 @@ checked before each save), stays in place for a resume.
 A checkpoint (``<work_dir>/checkpoint``) holds the model (``plrd.save`` format: the factored
 layers are rebuilt by ``plrd.load``), the optimizer, the scheduler, the data position, the RNG
 states and the step; it is written atomically every ``checkpoint_every`` steps and at the end.
+No pickle: the training state is ``train_state.safetensors`` (every tensor: optimizer moments,
+RNG states) + ``train_state.json`` (everything else, and the tensors file's size and SHA-256,
+checked before it is read).
 Each step appends a JSON line to ``<work_dir>/train.jsonl``.
 """
 
@@ -28,6 +31,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +44,8 @@ from plrd.evaluate import autocast_for, model_device, next_token_nll
 OBJECTIVES = ("lm", "kd", "lm+kd")
 CHECKPOINT = "checkpoint"
 LOG = "train.jsonl"
-STATE = "train_state.pt"
+STATE = "train_state.json"
+STATE_TENSORS = "train_state.safetensors"
 
 
 @dataclass
@@ -200,13 +205,76 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _split_tensors(obj: Any, tensors: dict[str, Tensor], path: str = "s") -> Any:
+    """A JSON-ready copy of ``obj`` whose tensors are moved into ``tensors`` (by path)."""
+    if isinstance(obj, Tensor):
+        tensors[path] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": path}
+    if isinstance(obj, dict):  # keys may be ints (optimizer state): keep them as pairs
+        items = [[k, _split_tensors(v, tensors, f"{path}.{k}")] for k, v in obj.items()]
+        return {"__dict__": items}
+    if isinstance(obj, (list, tuple)):
+        kind = "__list__" if isinstance(obj, list) else "__tuple__"
+        return {kind: [_split_tensors(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {path} in a training state")
+
+
+def _join_tensors(obj: Any, tensors: dict[str, Tensor]) -> Any:
+    """Inverse of ``_split_tensors``."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {k: _join_tensors(v, tensors) for k, v in obj["__dict__"]}
+        if "__list__" in obj:
+            return [_join_tensors(v, tensors) for v in obj["__list__"]]
+        if "__tuple__" in obj:
+            return tuple(_join_tensors(v, tensors) for v in obj["__tuple__"])
+    return obj
+
+
+def write_state(directory: Path, state: dict) -> None:
+    """``state`` (nested dicts/lists of tensors and plain values) as safetensors + JSON."""
+    from safetensors.torch import save_file
+
+    from plrd.integrity import file_record
+
+    tensors: dict[str, Tensor] = {}
+    tree = _split_tensors(state, tensors)
+    save_file(tensors, str(directory / STATE_TENSORS))
+    record = file_record(directory / STATE_TENSORS)
+    write_text(directory / STATE, json.dumps({"tensors": record, "state": tree}) + "\n")
+
+
+def read_state(directory: Path) -> dict:
+    """The state written by ``write_state``; ValueError naming the file if it is damaged."""
+    from safetensors.torch import load_file
+
+    from plrd.integrity import check_record, read_safetensors_header
+
+    path = directory / STATE
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        record, tree = doc["tensors"], doc["state"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: cannot be read ({err}); the checkpoint is damaged") from None
+    tensors_path = directory / STATE_TENSORS
+    if not tensors_path.is_file():
+        raise ValueError(f"{tensors_path} not found; the checkpoint is incomplete")
+    check_record(tensors_path, record["bytes"], record["sha256"])
+    read_safetensors_header(tensors_path)
+    return _join_tensors(tree, load_file(str(tensors_path)))
+
+
 def save_checkpoint(work_dir: Path, model: torch.nn.Module, state: dict) -> None:
     """Write model (``plrd.save``) + training state into ``work_dir/checkpoint`` atomically."""
     from plrd.checkpoint import save
 
     with atomic_dir(checkpoint_dir(work_dir)) as tmp:
         save(model, tmp)
-        torch.save(state, tmp / STATE)
+        write_state(tmp, state)
 
 
 def _json_float(value: float, digits: int) -> float | None:
@@ -268,7 +336,7 @@ def train_stage(
     log_path = work_dir / LOG
 
     if has_checkpoint(work_dir):
-        state = torch.load(checkpoint_dir(work_dir) / STATE, weights_only=False)
+        state = read_state(checkpoint_dir(work_dir))
         if state["total_steps"] != total or state["tokens_per_step"] != tokens_per_step:
             raise ValueError(
                 f"the checkpoint in {checkpoint_dir(work_dir)} was made for {state['total_steps']}"

@@ -91,7 +91,7 @@ def test_too_many_bad_steps_stop_and_keep_the_last_good_checkpoint(monkeypatch, 
     assert "step 5 of 10" in message and "3 steps in a row" in message
     assert "(step 4)" in message and str(checkpoint_dir(tmp_path)) in message
     assert len(message.splitlines()) == 1
-    state = torch.load(checkpoint_dir(tmp_path) / train_mod.STATE, weights_only=False)
+    state = train_mod.read_state(checkpoint_dir(tmp_path))
     assert state["step"] == 4 and state["bad_in_row"] == 2
     from plrd.checkpoint import load
 
@@ -104,7 +104,7 @@ def test_zero_bad_steps_allowed_stops_at_the_first(monkeypatch, tmp_path):
     _poison_steps(monkeypatch, {1})
     with pytest.raises(TrainingDiverged, match="1 steps in a row"):
         train_stage(tiny_llama(), _blocks(), _cfg(3, max_bad_steps=0), tmp_path)
-    state = torch.load(checkpoint_dir(tmp_path) / train_mod.STATE, weights_only=False)
+    state = train_mod.read_state(checkpoint_dir(tmp_path))
     assert state["step"] == 0
 
 
@@ -120,7 +120,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
     with pytest.raises(TrainingDiverged, match="down_proj.weight holds NaN or inf"):
         train_stage(model, _blocks(), cfg, tmp_path, on_step=break_weights)
     assert has_checkpoint(tmp_path)
-    state = torch.load(checkpoint_dir(tmp_path) / train_mod.STATE, weights_only=False)
+    state = train_mod.read_state(checkpoint_dir(tmp_path))
     assert state["step"] == 0
 
 

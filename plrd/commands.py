@@ -9,7 +9,15 @@ from pathlib import Path
 import torch
 
 from plrd.atomic import read_json
-from plrd.family import MANIFEST, check_model, format_params, format_table, resolve_device
+from plrd.family import (
+    MANIFEST,
+    check_model,
+    format_params,
+    format_table,
+    resolve_device,
+    verify_family,
+    verify_member,
+)
 
 
 def _corpus(args: argparse.Namespace, tokenizer):
@@ -73,7 +81,12 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
         targets = [(m["path"], str(root / m["path"])) for m in manifest["members"]]
         if not targets:
             raise ValueError(f"{root}/{MANIFEST} lists no finished member yet")
+        verify_family(root, manifest)
     else:
+        if (root / "plrd.json").is_file():
+            _, problem = verify_member(root)
+            if problem is not None:
+                raise ValueError(problem)
         targets = [(args.dir, args.dir)]
     tokenizer = load_tokenizer(targets[0][1])
     corpus = _corpus(args, tokenizer)
@@ -127,14 +140,20 @@ def run_info(directory: str) -> str:
             f"{cfg.get('allocation')}, {cfg.get('tokens_per_stage', 0):,} tokens per stage\n\n"
             + format_table(manifest)
         )
-    elif (root / "plrd.json").is_file():
-        from plrd.checkpoint import read_manifest
+        print(text)
+        verify_family(root, manifest)
+        n = len(manifest["members"])
+        print(f"\n{n} member{'s' if n != 1 else ''}: weights verified (SHA-256)")
+        return text
+    if (root / "plrd.json").is_file():
+        from plrd.checkpoint import verify_checkpoint
 
-        info = read_manifest(root)
+        info = verify_checkpoint(root)
         layers = info["layers"]
         params = info.get("num_parameters") or _safetensors_params(root / "model.safetensors")
         lines = [
-            f"member {root}: {format_params(params)} parameters, {len(layers)} factored layers"
+            f"member {root}: {format_params(params)} parameters, {len(layers)} factored layers "
+            "(weights verified)"
         ]
         if layers:
             fractions = [e["rank"] * (e["in"] + e["out"]) / (e["in"] * e["out"]) for e in layers]

@@ -16,8 +16,11 @@ Layout of ``out``::
 
 Resume: a member is finished once its entry is in family.json; that entry is written last,
 after the member directory is complete (the directory is written under a temporary name and
-renamed). Running the same command again skips finished members and continues an interrupted
-stage from its last checkpoint.
+renamed) and records the SHA-256 of the member's weights. Running the same command again skips
+finished members whose files verify (against their plrd.json and family.json's sha256),
+rebuilds a damaged one (the same recipe from the same start gives the same member), and
+continues an interrupted stage from its last checkpoint, or restarts the stage if that
+checkpoint is damaged.
 """
 
 from __future__ import annotations
@@ -41,7 +44,14 @@ from plrd.atomic import (
 )
 from plrd.data import Corpus, build_corpus, load_documents
 from plrd.evaluate import EvalResult, evaluate
-from plrd.train import OBJECTIVES, TrainConfig, checkpoint_dir, has_checkpoint, train_stage
+from plrd.train import (
+    OBJECTIVES,
+    TrainConfig,
+    checkpoint_dir,
+    has_checkpoint,
+    train_stage,
+    verify_state,
+)
 
 MANIFEST = "family.json"
 PLOT = "family.png"
@@ -318,6 +328,44 @@ def _check_resumable(manifest: dict, cfg: FamilyConfig, corpus: Corpus) -> None:
         )
 
 
+def verify_member(member_dir: Path, entry: dict | None = None) -> tuple[str | None, str | None]:
+    """``(sha256, None)`` when the member in ``member_dir`` checks out, else ``(None, why)``.
+
+    Checks ``plrd.json``, the structure, size and SHA-256 of ``model.safetensors`` against it
+    (``plrd.checkpoint.verify_checkpoint``), and the SHA-256 that ``family.json`` recorded for
+    the member (``entry["sha256"]``, when present) too.
+    """
+    from plrd.checkpoint import verify_checkpoint, weights_checksum
+
+    try:
+        info = verify_checkpoint(member_dir, sha256=(entry or {}).get("sha256"))
+        digest = (info.get("weights") or {}).get("sha256") or weights_checksum(member_dir)
+    except ValueError as err:
+        return None, str(err).splitlines()[0]
+    return digest, None
+
+
+def verify_family(root: Path, manifest: dict) -> None:
+    """Verify every finished member listed in ``manifest``; ValueError naming the first bad one."""
+    problems = []
+    for m in manifest.get("members", []):
+        _, problem = verify_member(root / m["path"], m)
+        if problem is not None:
+            problems.append(f"{m['path']}: {problem}")
+    if problems:
+        more = f" (and {len(problems) - 1} more damaged member(s))" if len(problems) > 1 else ""
+        raise ValueError(
+            f"{problems[0]}{more}; run the same `plrd family` command again to rebuild "
+            "damaged members"
+        )
+
+
+def _record(manifest: dict, entry: dict) -> None:
+    """Put ``entry`` into ``manifest["members"]`` (replacing one of the same size), by size."""
+    members = [m for m in manifest["members"] if m["size"] != entry["size"]] + [entry]
+    manifest["members"] = sorted(members, key=lambda m: -m["size"])
+
+
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
@@ -424,29 +472,43 @@ def build_family(
         rel = f"members/{size_key(size)}"
         member_dir = out / rel
         stage_dir = out / "stages" / size_key(size)
-        if size in done and (member_dir / "plrd.json").is_file():
-            say(f"{rel}: finished earlier, skipped")
-            previous_dir, current = member_dir, None
-            continue
-        if (member_dir / "member.json").is_file():  # saved, but the manifest entry is missing
-            entry = read_json(member_dir / "member.json")
-            manifest["members"].append(entry)
-            write_json(manifest_path, manifest)
-            say(f"{rel}: finished earlier, recorded")
-            previous_dir, current = member_dir, None
-            continue
+        known = done.get(size)
+        if known is not None or (member_dir / "member.json").is_file():
+            # finished earlier (or saved just before its family.json entry): trusted only if
+            # its files check out; a damaged member is rebuilt, replacing it atomically
+            digest, problem = verify_member(member_dir, known)
+            if problem is None:
+                if known is None or known.get("sha256") != digest:
+                    entry = known if known is not None else read_json(member_dir / "member.json")
+                    _record(manifest, {**entry, "sha256": digest})
+                    write_json(manifest_path, manifest)
+                    say(f"{rel}: finished earlier, recorded")
+                else:
+                    say(f"{rel}: finished earlier, skipped (weights verified)")
+                previous_dir, current = member_dir, None
+                continue
+            say(f"{rel}: finished earlier but damaged ({problem}); rebuilding it")
 
         started = time.perf_counter()
         stage_file = stage_dir / "stage.json"
+        model = None
         if has_checkpoint(stage_dir) and stage_file.is_file():
             from plrd.checkpoint import load
 
-            stage = read_json(stage_file)
-            model = _empty_model(parent.config)
-            model = load(checkpoint_dir(stage_dir), model) or model
-            model.to(device)
-            say(f"{rel}: resuming the interrupted stage from its last checkpoint")
-        else:
+            try:
+                stage = read_json(stage_file)
+                verify_state(checkpoint_dir(stage_dir))
+                model = load(checkpoint_dir(stage_dir), _empty_model(parent.config))
+            except ValueError as err:
+                say(
+                    f"{rel}: the interrupted stage's checkpoint is damaged "
+                    f"({str(err).splitlines()[0]}); starting the stage again"
+                )
+                model = None
+            else:
+                model.to(device)
+                say(f"{rel}: resuming the interrupted stage from its last checkpoint")
+        if model is None:
             if current is not None:
                 model = current
             elif previous_dir is not None:
@@ -513,7 +575,10 @@ def build_family(
         if (stage_dir / "decompose.txt").is_file():
             extra_files["decompose.txt"] = (stage_dir / "decompose.txt").read_text()
         save_member(model, tokenizer, member_dir, extra=entry, files=extra_files)
-        manifest["members"].append(entry)
+        entry["sha256"], problem = verify_member(member_dir)
+        if problem is not None:
+            raise ValueError(f"{rel} was saved but does not read back: {problem}")
+        _record(manifest, entry)
         write_json(manifest_path, manifest)  # the member is finished from here on
         shutil.rmtree(checkpoint_dir(stage_dir), ignore_errors=True)
         say(

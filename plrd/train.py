@@ -248,8 +248,11 @@ def write_state(directory: Path, state: dict) -> None:
     write_text(directory / STATE, json.dumps({"tensors": record, "state": tree}) + "\n")
 
 
-def read_state(directory: Path) -> dict:
-    """The state written by ``write_state``; ValueError naming the file if it is damaged."""
+def read_state(directory: Path, load: bool = True) -> dict:
+    """The state written by ``write_state``; ValueError naming the file if it is damaged.
+
+    With ``load=False`` only the files are checked (the JSON tree is returned, tensors unread).
+    """
     from safetensors.torch import load_file
 
     from plrd.integrity import check_record, read_safetensors_header
@@ -263,9 +266,19 @@ def read_state(directory: Path) -> dict:
     tensors_path = directory / STATE_TENSORS
     if not tensors_path.is_file():
         raise ValueError(f"{tensors_path} not found; the checkpoint is incomplete")
-    check_record(tensors_path, record["bytes"], record["sha256"])
+    try:
+        check_record(tensors_path, record["bytes"], record["sha256"])
+    except (KeyError, TypeError):
+        raise ValueError(f"{path}: no valid record of {STATE_TENSORS}; damaged") from None
     read_safetensors_header(tensors_path)
+    if not load:
+        return tree
     return _join_tensors(tree, load_file(str(tensors_path)))
+
+
+def verify_state(directory: Path) -> None:
+    """Check the training state files in ``directory`` without loading them (ValueError)."""
+    read_state(directory, load=False)
 
 
 def save_checkpoint(work_dir: Path, model: torch.nn.Module, state: dict) -> None:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from plrd.atomic import atomic_dir, write_text
+from plrd.atomic import atomic_dir, remove_stale_temporaries, write_text
 from plrd.data import BlockStream
 from plrd.evaluate import autocast_for, model_device, next_token_nll
 
@@ -327,6 +327,7 @@ def train_stage(
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(work_dir)  # a killed run's half-written checkpoint or log
     block_size = int(blocks.shape[1])
     total = cfg.steps(block_size)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * block_size

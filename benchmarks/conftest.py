@@ -76,8 +76,20 @@ def pytest_benchmark_update_machine_info(config: Any, machine_info: dict) -> Non
     machine_info["loadavg_at_start"] = config.stash.get(_LOAD_AT_START, None)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--bench-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for the benchmark run (default: torch's own choice)",
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_LOAD_AT_START] = _loadavg()
+    threads = config.getoption("--bench-threads", None)
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def pytest_benchmark_update_json(config: Any, benchmarks: list, output_json: dict) -> None:

@@ -160,5 +160,5 @@ def test_model_forward_paired(
             benchmark,
             lambda: models[baseline](input_ids=ids, use_cache=False),
             lambda: models[candidate](input_ids=ids, use_cache=False),
-            rounds=6,
+            rounds=8,
         )

@@ -11,6 +11,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from plrd import distributed
 from plrd.family import (
     ALLOCATIONS,
     DEFAULT_SIZES,
@@ -337,7 +338,7 @@ def _precheck(args: argparse.Namespace) -> None:
     if getattr(args, "device", None) is not None:
         resolve_device(args.device)
     out = getattr(args, "out", None)
-    if out is not None:
+    if out is not None and distributed.is_main():  # under torchrun rank 0 alone writes
         check_writable_dir(out)
 
 
@@ -362,9 +363,10 @@ def _run(args: argparse.Namespace) -> int:
         from plrd.family import build_family, format_table
 
         manifest = build_family(cfg)
-        print()
-        print(format_table(manifest))
-        print(f"\nfamily: {cfg.out}/family.json, plot: {cfg.out}/family.png")
+        if distributed.is_main():
+            print()
+            print(format_table(manifest))
+            print(f"\nfamily: {cfg.out}/family.json, plot: {cfg.out}/family.png")
         return 0
     if args.command == "decompose":
         _precheck(args)
@@ -383,7 +385,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(err: BaseException, command: str, debug: bool, code: int) -> int:
-    """Print ``err`` as one line ``plrd COMMAND: error: ...`` (or its traceback with --debug)."""
+    """Print ``err`` as one line ``plrd COMMAND: error: ...`` (or its traceback with --debug).
+
+    Under torchrun, bad input and training faults are the same on every rank: rank 0 alone
+    reports them; other failures are reported by the rank that hit them, prefixed with it.
+    """
+    rank = distributed.rank()
+    if rank != 0 and not debug and (code == EXIT_USAGE or isinstance(err, TrainingDiverged)):
+        return code
     if debug:
         traceback.print_exc()
     prog = f"plrd {command}"
@@ -392,6 +401,8 @@ def _report(err: BaseException, command: str, debug: bool, code: int) -> int:
         message = f"{type(err).__name__}: {message}"
     if not message.startswith(prog):
         message = f"{prog}: error: {message}"
+    if rank != 0:
+        message = f"[rank {rank}] {message}"
     print(message, file=sys.stderr)
     return code
 
@@ -413,8 +424,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TrainingDiverged, OSError) as err:  # a failure while working
         return _report(err, args.command, debug, EXIT_FAILURE)
     except KeyboardInterrupt:
-        print("\ninterrupted; run the same command again to resume", file=sys.stderr)
+        if distributed.is_main():
+            print("\ninterrupted; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

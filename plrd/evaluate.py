@@ -78,3 +78,31 @@ def evaluate(model: torch.nn.Module, blocks: Tensor, batch_size: int = 4) -> Eva
     return EvalResult(
         ppl=math.exp(min(nll, 700.0)), nll=nll, tokens=blocks.numel(), seconds=seconds
     )
+
+
+def evaluate_sharded(model: torch.nn.Module, blocks: Tensor, batch_size: int = 4) -> EvalResult:
+    """``evaluate`` split over the data-parallel ranks (``plrd.distributed``).
+
+    Each rank evaluates rows rank, rank + W, ... of ``blocks``; the NLL sums, predicted-token
+    counts and tokens are summed over the ranks, and ``seconds`` is the slowest rank's, so every
+    rank returns the same perplexity and the aggregate tokens/s. One process: ``evaluate``.
+    """
+    from plrd import distributed
+
+    if not distributed.is_distributed():
+        return evaluate(model, blocks, batch_size)
+    mine = distributed.shard(blocks)
+    totals = torch.zeros(3, dtype=torch.float64)
+    seconds = torch.zeros(1, dtype=torch.float64)
+    if len(mine):
+        r = evaluate(model, mine, batch_size)
+        count = mine.shape[0] * (mine.shape[1] - 1)
+        totals += torch.tensor([r.nll * count, count, r.tokens], dtype=torch.float64)
+        seconds[0] = r.seconds
+    device = model_device(model)
+    totals = distributed.all_reduce(totals.to(device)).cpu()
+    seconds = distributed.all_reduce(seconds.to(device), op="max").cpu()
+    nll = float(totals[0] / totals[1])
+    return EvalResult(
+        ppl=math.exp(min(nll, 700.0)), nll=nll, tokens=int(totals[2]), seconds=float(seconds[0])
+    )

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from plrd import distributed
 from plrd.atomic import (
     check_writable_dir,
     read_json,
@@ -43,7 +44,7 @@ from plrd.atomic import (
     write_text,
 )
 from plrd.data import Corpus, build_corpus, load_documents
-from plrd.evaluate import EvalResult, evaluate
+from plrd.evaluate import EvalResult, evaluate_sharded
 from plrd.train import (
     OBJECTIVES,
     TrainConfig,
@@ -370,6 +371,25 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _silent(msg: str) -> None:
+    pass
+
+
+def _resumable(stage_dir: Path) -> str | None:
+    """None: no interrupted stage here; "ok": its checkpoint verifies; else what is wrong."""
+    from plrd.checkpoint import verify_checkpoint
+
+    if not (has_checkpoint(stage_dir) and (stage_dir / "stage.json").is_file()):
+        return None
+    try:
+        read_json(stage_dir / "stage.json")
+        verify_state(checkpoint_dir(stage_dir))
+        verify_checkpoint(checkpoint_dir(stage_dir))
+    except ValueError as err:  # JSONDecodeError included
+        return str(err).splitlines()[0]
+    return "ok"
+
+
 def grams_and_decompose(
     model: torch.nn.Module,
     keep: float,
@@ -379,16 +399,28 @@ def grams_and_decompose(
     batch_size: int = 8,
     progress: bool = True,
 ) -> Any:
-    """Grams on ``calib`` blocks [N, T] (whiten only), then ``plrd.decompose`` in place."""
+    """Grams on ``calib`` blocks [N, T] (whiten only), then ``plrd.decompose`` in place.
+
+    Data parallel: each rank collects Grams on its shard of ``calib`` and they are summed over
+    the ranks (all ranks use all blocks when there are fewer blocks than ranks), so every rank
+    decomposes identically; the resulting ranks are checked to agree.
+    """
     from plrd.calibrate import collect_grams
     from plrd.surgery import decompose
 
     grams = None
     if method == "whiten":
-        grams = collect_grams(model, calib.split(batch_size), progress=progress)
-    return decompose(
+        split = distributed.world_size() > 1 and len(calib) >= distributed.world_size()
+        mine = distributed.shard(calib) if split else calib
+        grams = collect_grams(model, mine.split(batch_size), progress=progress)
+        if split:
+            distributed.all_reduce_grams(grams)
+    report = decompose(
         model, keep, grams=grams, allocation=allocation, method=method, progress=progress
     )
+    ranks = [(row.name, row.rank_after) for row in report.layers]
+    distributed.same_on_all_ranks(ranks, "the decomposition's ranks")
+    return report
 
 
 def _plot(manifest: dict, out: Path) -> None:
@@ -417,20 +449,27 @@ def build_family(
 
     cfg.validate()
     out = Path(cfg.out)
-    check_writable_dir(out)
+    main = distributed.is_main()  # under torchrun: only rank 0 writes files and prints
+    if not main:
+        say = _silent
+    device = distributed.init(resolve_device(cfg.device))
+    world = distributed.world_size()
+    if main:
+        check_writable_dir(out)
     documents = load_documents(cfg.data)
-    device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
     corpus = build_corpus(documents, tokenizer, cfg.seq_len, cfg.held_out_fraction)
     manifest_path = out / MANIFEST
-    manifest = read_json(manifest_path) if manifest_path.is_file() else None
+    # decisions that depend on files are rank 0's, taken before it writes anything
+    manifest = distributed.broadcast(read_json(manifest_path) if manifest_path.is_file() else None)
     if manifest is not None:
         _check_resumable(manifest, cfg, corpus)
     parent, _, _ = load_model(cfg.model, device)
     check_model(parent, cfg.model, cfg.sizes)
-    out.mkdir(parents=True, exist_ok=True)
-    for d in (out, out / "members", out / "stages"):
-        remove_stale_temporaries(d)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        for d in (out, out / "members", out / "stages"):
+            remove_stale_temporaries(d)
 
     torch.manual_seed(cfg.seed)
     eval_blocks = corpus.eval_blocks(cfg.eval_tokens)
@@ -442,7 +481,7 @@ def build_family(
 
     if manifest is None:
         say(f"parent {cfg.model}: {format_params(parent_params)} parameters; held-out eval ...")
-        ev = evaluate(parent, eval_blocks, cfg.eval_batch_size)
+        ev = evaluate_sharded(parent, eval_blocks, cfg.eval_batch_size)
         manifest = {
             "format": FORMAT_VERSION,
             "config": cfg.recipe() | {"sizes": list(cfg.sizes)},
@@ -450,6 +489,7 @@ def build_family(
             "throughput": (
                 f"tokens_per_s: forward tokens per second over the held-out blocks "
                 f"(batch {cfg.eval_batch_size} x {cfg.seq_len} tokens) on {device.type}"
+                + (f", {world} processes together" if world > 1 else "")
             ),
             "parent": {
                 "name": cfg.model,
@@ -459,7 +499,7 @@ def build_family(
             },
             "members": [],
         }
-        write_json(manifest_path, manifest)
+        distributed.on_main(write_json, manifest_path, manifest)
     else:
         manifest["config"]["sizes"] = list(cfg.sizes)
     say(f"parent: held-out ppl {manifest['parent']['held_out_ppl']:.2f}")
@@ -473,15 +513,20 @@ def build_family(
         member_dir = out / rel
         stage_dir = out / "stages" / size_key(size)
         known = done.get(size)
-        if known is not None or (member_dir / "member.json").is_file():
+        check = None
+        if main and (known is not None or (member_dir / "member.json").is_file()):
             # finished earlier (or saved just before its family.json entry): trusted only if
             # its files check out; a damaged member is rebuilt, replacing it atomically
             digest, problem = verify_member(member_dir, known)
+            saved = known or (read_json(member_dir / "member.json") if problem is None else None)
+            check = (digest, problem, saved)
+        check = distributed.broadcast(check)
+        if check is not None:
+            digest, problem, saved = check
             if problem is None:
                 if known is None or known.get("sha256") != digest:
-                    entry = known if known is not None else read_json(member_dir / "member.json")
-                    _record(manifest, {**entry, "sha256": digest})
-                    write_json(manifest_path, manifest)
+                    _record(manifest, {**saved, "sha256": digest})
+                    distributed.on_main(write_json, manifest_path, manifest)
                     say(f"{rel}: finished earlier, recorded")
                 else:
                     say(f"{rel}: finished earlier, skipped (weights verified)")
@@ -492,22 +537,19 @@ def build_family(
         started = time.perf_counter()
         stage_file = stage_dir / "stage.json"
         model = None
-        if has_checkpoint(stage_dir) and stage_file.is_file():
+        resume = distributed.broadcast(_resumable(stage_dir) if main else None)
+        if resume is not None and resume != "ok":
+            say(
+                f"{rel}: the interrupted stage's checkpoint is damaged ({resume}); starting the "
+                "stage again"
+            )
+        if resume == "ok":
             from plrd.checkpoint import load
 
-            try:
-                stage = read_json(stage_file)
-                verify_state(checkpoint_dir(stage_dir))
-                model = load(checkpoint_dir(stage_dir), _empty_model(parent.config))
-            except ValueError as err:
-                say(
-                    f"{rel}: the interrupted stage's checkpoint is damaged "
-                    f"({str(err).splitlines()[0]}); starting the stage again"
-                )
-                model = None
-            else:
-                model.to(device)
-                say(f"{rel}: resuming the interrupted stage from its last checkpoint")
+            stage = read_json(stage_file)
+            model = load(checkpoint_dir(stage_dir), _empty_model(parent.config)).to(device)
+            say(f"{rel}: resuming the interrupted stage from its last checkpoint")
+        distributed.barrier()  # every rank has read the checkpoint before rank 0 changes files
         if model is None:
             if current is not None:
                 model = current
@@ -524,9 +566,11 @@ def build_family(
                 f"{format_params(int(size * parent_params))} (keep {keep:.3f}, {cfg.method}, "
                 f"{cfg.allocation})"
             )
-            if stage_dir.exists():
-                shutil.rmtree(stage_dir)
-            stage_dir.mkdir(parents=True)
+            if main:
+                if stage_dir.exists():
+                    shutil.rmtree(stage_dir)
+                stage_dir.mkdir(parents=True)
+            distributed.barrier()
             report = grams_and_decompose(
                 model,
                 keep,
@@ -534,10 +578,10 @@ def build_family(
                 cfg.method,
                 cfg.allocation,
                 cfg.eval_batch_size,
-                cfg.progress,
+                cfg.progress and main,
             )
-            write_text(stage_dir / "decompose.txt", f"{report}\n")
-            zero = evaluate(model, eval_blocks, cfg.eval_batch_size)
+            distributed.on_main(write_text, stage_dir / "decompose.txt", f"{report}\n")
+            zero = evaluate_sharded(model, eval_blocks, cfg.eval_batch_size)
             stage = {
                 "size": size,
                 "keep": keep,
@@ -545,7 +589,7 @@ def build_family(
                 "zero_shot_ppl": zero.ppl,
                 "prep_seconds": time.perf_counter() - started,
             }
-            write_json(stage_file, stage)
+            distributed.on_main(write_json, stage_file, stage)
             say(f"{rel}: {format_params(stage['params'])} parameters, zero-shot ppl {zero.ppl:.2f}")
         for p in model.parameters():
             p.requires_grad_(True)
@@ -553,7 +597,7 @@ def build_family(
             model, corpus.train, cfg.train_config(), stage_dir, teacher, on_step, desc=rel
         )
         post_start = time.perf_counter()
-        trained: EvalResult = evaluate(model, eval_blocks, cfg.eval_batch_size)
+        trained: EvalResult = evaluate_sharded(model, eval_blocks, cfg.eval_batch_size)
         entry = {
             "size": size,
             "params": count_parameters(model),
@@ -567,26 +611,32 @@ def build_family(
             "keep": stage["keep"],
             "final_train_loss": result.final_loss,
             "skipped_steps": result.skipped_steps,
+            "world_size": world,
         }
         entry["seconds"] = round(
             stage["prep_seconds"] + result.seconds + (time.perf_counter() - post_start), 1
         )
-        extra_files = {}
-        if (stage_dir / "decompose.txt").is_file():
-            extra_files["decompose.txt"] = (stage_dir / "decompose.txt").read_text()
-        save_member(model, tokenizer, member_dir, extra=entry, files=extra_files)
-        entry["sha256"], problem = verify_member(member_dir)
+        saved = None
+        if main:
+            extra_files = {}
+            if (stage_dir / "decompose.txt").is_file():
+                extra_files["decompose.txt"] = (stage_dir / "decompose.txt").read_text()
+            save_member(model, tokenizer, member_dir, extra=entry, files=extra_files)
+            saved = verify_member(member_dir)
+        entry["sha256"], problem = distributed.broadcast(saved)
         if problem is not None:
             raise ValueError(f"{rel} was saved but does not read back: {problem}")
         _record(manifest, entry)
-        write_json(manifest_path, manifest)  # the member is finished from here on
-        shutil.rmtree(checkpoint_dir(stage_dir), ignore_errors=True)
+        if main:
+            write_json(manifest_path, manifest)  # the member is finished from here on
+            shutil.rmtree(checkpoint_dir(stage_dir), ignore_errors=True)
         say(
             f"{rel}: held-out ppl {stage['zero_shot_ppl']:.2f} -> {trained.ppl:.2f} after "
             f"{result.tokens:,} tokens; {trained.tokens_per_s:.0f} tok/s"
         )
-        _plot(manifest, out)
+        distributed.on_main(_plot, manifest, out)
         previous_dir, current = member_dir, model
 
-    _plot(manifest, out)
+    distributed.on_main(_plot, manifest, out)
+    distributed.barrier()
     return manifest

@@ -23,6 +23,7 @@ Each step appends a JSON line to ``<work_dir>/train.jsonl``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from plrd import distributed
 from plrd.atomic import atomic_dir, remove_stale_temporaries, write_text
 from plrd.data import BlockStream
 from plrd.evaluate import autocast_for, model_device, next_token_nll
@@ -84,8 +86,9 @@ class TrainConfig:
                 f"{self.grad_accum}"
             )
 
-    def steps(self, block_size: int) -> int:
-        per_step = self.batch_size * self.grad_accum * block_size
+    def steps(self, block_size: int, world_size: int = 1) -> int:
+        """Optimizer steps; each consumes ``world_size`` × batch × accum × block tokens."""
+        per_step = world_size * self.batch_size * self.grad_accum * block_size
         return math.ceil(self.tokens / per_step) if self.tokens > 0 else 0
 
 
@@ -309,6 +312,25 @@ def _trim_log(log_path: Path, step: int) -> None:
     write_text(log_path, "".join(k + "\n" for k in kept))
 
 
+def _mean_over_ranks(
+    loss: float, parts: dict[str, float], device: torch.device
+) -> tuple[float, dict[str, float], bool]:
+    """Loss and its parts averaged over the data-parallel ranks, and whether any rank's loss
+    was not finite (then every rank skips the step). One process: returned as they are."""
+    if not distributed.is_distributed():
+        return loss, parts, not math.isfinite(loss)
+    names = sorted(parts)
+    values = [loss, 0.0 if math.isfinite(loss) else 1.0] + [parts[k] for k in names]
+    stats = distributed.all_reduce(torch.tensor(values, dtype=torch.float64, device=device))
+    stats = stats.cpu().tolist()
+    world = distributed.world_size()
+    return (
+        stats[0] / world,
+        {k: v / world for k, v in zip(names, stats[2:], strict=True)},
+        (stats[1] > 0 or not math.isfinite(stats[0])),
+    )
+
+
 def train_stage(
     model: torch.nn.Module,
     blocks: Tensor,
@@ -324,13 +346,23 @@ def train_stage(
     restored from it; the caller must have loaded the checkpoint's model weights into ``model``
     (``plrd.load(checkpoint_dir(work_dir), model)``). ``on_step(step)`` runs after each
     optimizer step and checkpoint.
+
+    Data parallel (``plrd.distributed``, under torchrun): the model is wrapped in
+    ``DistributedDataParallel`` for this stage; every rank draws the same global batch of
+    W × ``batch_size`` blocks and trains on its own slice of it, so a step consumes W times the
+    tokens and the budget gives W times fewer steps; only rank 0 writes the log and checkpoints
+    (every rank reads a checkpoint to resume).
     """
+    world, rank = distributed.world_size(), distributed.rank()
+    main = distributed.is_main()
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(work_dir)  # a killed run's half-written checkpoint or log
+    resuming = distributed.broadcast(has_checkpoint(work_dir))  # rank 0 decides, before writes
+    if main:
+        remove_stale_temporaries(work_dir)  # a killed run's half-written checkpoint or log
     block_size = int(blocks.shape[1])
-    total = cfg.steps(block_size)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * block_size
+    total = cfg.steps(block_size, world)
+    tokens_per_step = world * cfg.batch_size * cfg.grad_accum * block_size
     device = model_device(model)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -344,18 +376,21 @@ def train_stage(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio)
     )
-    stream = BlockStream(blocks, cfg.batch_size, cfg.seed)
+    stream = BlockStream(blocks, cfg.batch_size * world, cfg.seed)  # the global batch
+    mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
     step, elapsed, last_loss = 0, 0.0, None
     skipped, bad_in_row = 0, 0
     log_path = work_dir / LOG
 
-    if has_checkpoint(work_dir):
+    if resuming:
         state = read_state(checkpoint_dir(work_dir))
         if state["total_steps"] != total or state["tokens_per_step"] != tokens_per_step:
+            procs = state.get("world_size", 1)
             raise ValueError(
                 f"the checkpoint in {checkpoint_dir(work_dir)} was made for {state['total_steps']}"
-                f" steps of {state['tokens_per_step']} tokens, this run asks for {total} steps of "
-                f"{tokens_per_step}; rerun with the original settings or delete {work_dir}"
+                f" steps of {state['tokens_per_step']} tokens ({procs} process(es)), this run asks "
+                f"for {total} steps of {tokens_per_step} ({world}); rerun with the original "
+                f"settings and number of processes, or delete {work_dir}"
             )
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -363,7 +398,8 @@ def train_stage(
         _set_rng_state(state["rng"])
         step, elapsed, last_loss = state["step"], state["elapsed"], state["last_loss"]
         skipped, bad_in_row = state.get("skipped", 0), state.get("bad_in_row", 0)
-        _trim_log(log_path, step)
+        if main:
+            _trim_log(log_path, step)
     saved_step = step
 
     def snapshot() -> dict:
@@ -371,6 +407,7 @@ def train_stage(
             "step": step,
             "total_steps": total,
             "tokens_per_step": tokens_per_step,
+            "world_size": world,
             "elapsed": elapsed,
             "last_loss": last_loss,
             "skipped": skipped,
@@ -392,22 +429,24 @@ def train_stage(
 
     def checkpoint() -> None:
         nonlocal saved_step
-        bad = all_finite(model)
+        bad = all_finite(model)  # every rank holds the same weights: all stop together
         if bad is not None:
             raise stop(f"parameter {bad} holds NaN or inf values")
-        save_checkpoint(work_dir, model, snapshot())
+        if main:
+            save_checkpoint(work_dir, model, snapshot())
         saved_step = step
 
-    if step == 0 and not has_checkpoint(work_dir):
+    if step == 0 and not resuming:
         checkpoint()
 
+    net = distributed.wrap_ddp(model)  # rebuilt each stage: the parameters are new
     bar = None
-    if cfg.progress and step < total:
+    if cfg.progress and main and step < total:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True)
 
-    model.train()
+    net.train()
     if teacher is not None:
         teacher.eval()
     try:
@@ -415,22 +454,26 @@ def train_stage(
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss_sum, parts_sum = 0.0, {}
-            for _ in range(cfg.grad_accum):
-                batch = stream.next_batch().to(device)
+            for micro in range(cfg.grad_accum):
+                batch = stream.next_batch()[mine].to(device)
                 teacher_logits = None
                 if teacher is not None and cfg.objective != "lm":
                     with torch.no_grad(), autocast_for(device):
                         teacher_logits = teacher(input_ids=batch, use_cache=False).logits
-                with autocast_for(device):
-                    logits = model(input_ids=batch, use_cache=False).logits
-                loss, parts = objective_loss(logits, batch, cfg, teacher_logits)
-                (loss / cfg.grad_accum).backward()
+                last = micro == cfg.grad_accum - 1
+                sync = contextlib.nullcontext() if last or net is model else net.no_sync()
+                with sync:
+                    with autocast_for(device):
+                        logits = net(input_ids=batch, use_cache=False).logits
+                    loss, parts = objective_loss(logits, batch, cfg, teacher_logits)
+                    (loss / cfg.grad_accum).backward()
                 loss_sum += float(loss.detach()) / cfg.grad_accum
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
                 del logits, teacher_logits, loss
+            loss_sum, parts_sum, any_bad = _mean_over_ranks(loss_sum, parts_sum, device)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            finite = math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm))
+            finite = not any_bad and bool(torch.isfinite(grad_norm))
             lr = scheduler.get_last_lr()[0]
             if finite:
                 optimizer.step()
@@ -458,8 +501,9 @@ def train_stage(
             }
             if not finite:
                 record["skipped"] = True
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            if main:
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_step / dt:.0f}")
                 bar.update(1)
@@ -476,6 +520,7 @@ def train_stage(
     finally:
         if bar is not None:
             bar.close()
+        del net  # drops DDP's gradient hooks and buckets
     model.eval()
     return TrainResult(
         steps=total,

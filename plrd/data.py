@@ -316,6 +316,15 @@ class BlockStream:
             self.index += 1
         return self.blocks[rows]
 
+    def skip(self, n: int) -> None:
+        """Advance by ``n`` blocks (as if they had been drawn), across epochs if needed."""
+        per_epoch = len(self.blocks)
+        total = self.epoch * per_epoch + self.index + n
+        epoch, self.index = divmod(total, per_epoch)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._perm = self._permutation(epoch)
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
 

@@ -146,7 +146,8 @@ class FamilyConfig:
         d = asdict(self)
         return {k: d[k] for k in RECIPE_KEYS} | {"data": list(self.data)}
 
-    def train_config(self) -> TrainConfig:
+    def train_config(self, stage: int = 0) -> TrainConfig:
+        """Training settings of stage ``stage`` (0-based; it continues through the corpus)."""
         return TrainConfig(
             tokens=self.tokens_per_stage,
             batch_size=self.batch_size,
@@ -156,6 +157,7 @@ class FamilyConfig:
             objective=self.objective,
             checkpoint_every=self.checkpoint_every,
             train_embeddings=self.train_embeddings,
+            stage=stage,
             seed=self.seed,
             progress=self.progress,
             max_bad_steps=self.max_bad_steps,
@@ -508,7 +510,7 @@ def build_family(
     done = {m["size"]: m for m in manifest["members"]}
     previous_dir: Path | None = None
     current: torch.nn.Module | None = None
-    for size in cfg.sizes:
+    for stage_index, size in enumerate(cfg.sizes):
         rel = f"members/{size_key(size)}"
         member_dir = out / rel
         stage_dir = out / "stages" / size_key(size)
@@ -594,7 +596,7 @@ def build_family(
         for p in model.parameters():
             p.requires_grad_(True)
         result = train_stage(
-            model, corpus.train, cfg.train_config(), stage_dir, teacher, on_step, desc=rel
+            model, corpus.train, cfg.train_config(stage_index), stage_dir, teacher, on_step, desc=rel
         )
         post_start = time.perf_counter()
         trained: EvalResult = evaluate_sharded(model, eval_blocks, cfg.eval_batch_size)

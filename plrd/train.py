@@ -67,6 +67,7 @@ class TrainConfig:
     kd_temperature: float = 1.0
     checkpoint_every: int = 10
     train_embeddings: bool = False
+    stage: int = 0
     seed: int = 0
     progress: bool = True
     max_bad_steps: int = 10
@@ -377,6 +378,8 @@ def train_stage(
         optimizer, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio)
     )
     stream = BlockStream(blocks, cfg.batch_size * world, cfg.seed)  # the global batch
+    # stage k starts where stage k-1 stopped: a stage does not retrain on its parent's blocks
+    stream.skip(cfg.stage * total * cfg.grad_accum * cfg.batch_size * world)
     mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
     step, elapsed, last_loss = 0, 0.0, None
     skipped, bad_in_row = 0, 0

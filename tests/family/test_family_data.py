@@ -104,6 +104,17 @@ def test_corpus_shorter_than_two_blocks_is_refused(tiny_model_dir):
         build_corpus(["a short text"], tok, 256)
 
 
+def test_block_stream_skip_equals_drawing():
+    blocks = torch.arange(50).view(5, 10)
+    drawn = BlockStream(blocks, batch_size=2, seed=3)
+    for _ in range(4):  # 8 blocks: into the second epoch
+        drawn.next_batch()
+    skipped = BlockStream(blocks, batch_size=2, seed=3)
+    skipped.skip(8)
+    assert skipped.state_dict() == drawn.state_dict()
+    assert torch.equal(skipped.next_batch(), drawn.next_batch())
+
+
 def test_block_stream_resumes_exactly():
     blocks = torch.arange(70).view(7, 10)
     a = BlockStream(blocks, batch_size=3, seed=5)

@@ -19,7 +19,7 @@ from plrd.family import (
     METHODS,
     FamilyConfig,
 )
-from plrd.train import OBJECTIVES, TrainingDiverged
+from plrd.train import OBJECTIVES, PARALLEL, TrainingDiverged
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -244,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
         "stage stops (keeping its last good checkpoint)",
     )
     fam.add_argument(
+        "--parallel",
+        choices=PARALLEL,
+        default=d.parallel,
+        help="under torchrun: ddp replicates the model on every process; fsdp shards weights, "
+        "gradients and optimizer state (FSDP2)",
+    )
+    fam.add_argument(
         "--train-embeddings",
         action="store_true",
         help="also train the token embeddings / output head (frozen by default: Adam moves "
@@ -317,6 +324,7 @@ def _family_config(args: argparse.Namespace) -> FamilyConfig:
         train_embeddings=args.train_embeddings,
         progress=not args.no_progress,
         max_bad_steps=args.max_bad_steps,
+        parallel=args.parallel,
     )
 
 

@@ -183,3 +183,77 @@ def wrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
     accepted = inspect.signature(DistributedDataParallel).parameters
     key = "forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"
     return DistributedDataParallel(model, device_ids=ids, **{key: False})
+
+
+# FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters, gradients and optimizer state
+# sharded over the ranks instead of replicated. The training loop shards a copy of the model
+# and copies the full weights back into the plain model for checkpoints and at the end.
+
+
+def shard_fsdp(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` sharded with FSDP2: each block named in ``model._no_split_modules``
+    (Hugging Face's decoder layers) is one FSDP unit, the rest (embeddings, final norm, head)
+    the root unit. Its parameters are DTensor shards; ``LowRankLinear`` factors shard like any
+    weight (rows of ``down`` and ``up``)."""
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+
+    net = copy.deepcopy(model)
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in net.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(net)
+    return net
+
+
+def _options(**kwargs: Any):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def full_model_state(net: torch.nn.Module, everywhere: bool) -> dict[str, Tensor]:
+    """The unsharded weights of an FSDP ``net`` (a collective: every rank calls it): on every
+    rank (``everywhere``) or, on CPU, on rank 0 only (the others get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(net, options=_options(cpu_offload=not everywhere))
+
+
+def full_optimizer_state(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The unsharded optimizer state (keyed by parameter name) on rank 0, on CPU; a collective."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(net, optimizer, options=_options(cpu_offload=True))
+
+
+def load_full_optimizer_state(
+    net: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict
+) -> None:
+    """Shard a ``full_optimizer_state`` back into ``optimizer`` (every rank passes it)."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(net, optimizer, optim_state_dict=state, options=_options())
+
+
+def local(tensor: Tensor) -> Tensor:
+    """This rank's shard of a DTensor; a plain tensor as it is."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def full(tensor: Tensor) -> Tensor:
+    """The whole value of a DTensor (a collective); a plain tensor as it is."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else tensor
+
+
+def first_on_any_rank(value: T | None) -> T | None:
+    """The first non-None ``value`` in rank order (a collective); ``value`` in one process."""
+    if not is_distributed():
+        return value
+    gathered: list[Any] = [None] * world_size()
+    _dist().all_gather_object(gathered, value)
+    return next((v for v in gathered if v is not None), None)

@@ -47,6 +47,7 @@ from plrd.data import Corpus, build_corpus, load_documents
 from plrd.evaluate import EvalResult, evaluate_sharded
 from plrd.train import (
     OBJECTIVES,
+    PARALLEL,
     TrainConfig,
     checkpoint_dir,
     has_checkpoint,
@@ -109,6 +110,7 @@ class FamilyConfig:
     train_embeddings: bool = False
     progress: bool = True
     max_bad_steps: int = 10
+    parallel: str = "ddp"
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -137,6 +139,8 @@ class FamilyConfig:
             raise ValueError(
                 f"--warmup is a fraction of the stage's steps in [0, 1), got {self.warmup}"
             )
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"--parallel must be one of {', '.join(PARALLEL)}")
         if self.max_bad_steps < 0:
             raise ValueError(f"--max-bad-steps must be >= 0, got {self.max_bad_steps}")
         if not 0 < self.held_out_fraction < 1:
@@ -161,6 +165,7 @@ class FamilyConfig:
             seed=self.seed,
             progress=self.progress,
             max_bad_steps=self.max_bad_steps,
+            parallel=self.parallel,
         )
 
 

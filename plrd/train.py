@@ -44,6 +44,7 @@ from plrd.data import BlockStream
 from plrd.evaluate import autocast_for, model_device, next_token_nll
 
 OBJECTIVES = ("lm", "kd", "lm+kd")
+PARALLEL = ("ddp", "fsdp")
 CHECKPOINT = "checkpoint"
 LOG = "train.jsonl"
 STATE = "train_state.json"
@@ -71,8 +72,13 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     max_bad_steps: int = 10
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
+        if self.parallel not in PARALLEL:
+            raise ValueError(
+                f"parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}"
+            )
         if self.objective not in OBJECTIVES:
             raise ValueError(
                 f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"
@@ -108,9 +114,11 @@ class TrainingDiverged(RuntimeError):
 
 
 def all_finite(model: torch.nn.Module) -> str | None:
-    """The name of the first parameter holding NaN or inf, or None when all are finite."""
+    """The name of the first parameter holding NaN or inf, or None when all are finite.
+
+    A sharded (DTensor) parameter is checked on this rank's shard."""
     for name, p in model.named_parameters():
-        if not bool(torch.isfinite(p).all()):
+        if not bool(torch.isfinite(distributed.local(p.detach())).all()):
             return name
     return None
 
@@ -370,8 +378,20 @@ def train_stage(
 
     if not cfg.train_embeddings:
         freeze_embeddings(model)
+    # the trained module, rebuilt each stage (the parameters are new after a truncation):
+    # DDP wraps ``model``; FSDP2 trains a sharded copy, copied back into ``model`` for each
+    # checkpoint and at the end (``model`` waits on the CPU meanwhile)
+    sharded = cfg.parallel == "fsdp" and world > 1
+    if sharded:
+        net = distributed.shard_fsdp(model)
+        model.to("cpu")
+    else:
+        net = distributed.wrap_ddp(model)
     optimizer = torch.optim.AdamW(
-        _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8
+        _param_groups(net if sharded else model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
     )
     warmup = min(total, max(1, round(cfg.warmup * total))) if cfg.warmup > 0 else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -387,6 +407,12 @@ def train_stage(
 
     if resuming:
         state = read_state(checkpoint_dir(work_dir))
+        layout = state.get("parallel", "ddp") if state.get("world_size", 1) > 1 else "ddp"
+        if layout != ("fsdp" if sharded else "ddp"):
+            raise ValueError(
+                f"the checkpoint in {checkpoint_dir(work_dir)} was made with --parallel "
+                f"{layout}; rerun with --parallel {layout} and the same number of processes"
+            )
         if state["total_steps"] != total or state["tokens_per_step"] != tokens_per_step:
             procs = state.get("world_size", 1)
             raise ValueError(
@@ -395,7 +421,11 @@ def train_stage(
                 f"for {total} steps of {tokens_per_step} ({world}); rerun with the original "
                 f"settings and number of processes, or delete {work_dir}"
             )
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            if state["optimizer"] is not None:
+                distributed.load_full_optimizer_state(net, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         stream.load_state_dict(state["stream"])
         _set_rng_state(state["rng"])
@@ -405,17 +435,18 @@ def train_stage(
             _trim_log(log_path, step)
     saved_step = step
 
-    def snapshot() -> dict:
+    def snapshot(optimizer_state: dict) -> dict:
         return {
             "step": step,
             "total_steps": total,
             "tokens_per_step": tokens_per_step,
             "world_size": world,
+            "parallel": cfg.parallel,
             "elapsed": elapsed,
             "last_loss": last_loss,
             "skipped": skipped,
             "bad_in_row": bad_in_row,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "stream": stream.state_dict(),
             "rng": _rng_state(),
@@ -432,17 +463,26 @@ def train_stage(
 
     def checkpoint() -> None:
         nonlocal saved_step
-        bad = all_finite(model)  # every rank holds the same weights: all stop together
+        # DDP: every rank holds the same weights; FSDP: each checks its shards, all stop together
+        bad = distributed.first_on_any_rank(all_finite(net)) if sharded else all_finite(model)
         if bad is not None:
             raise stop(f"parameter {bad} holds NaN or inf values")
+        if sharded:  # collectives: every rank takes part, rank 0 receives the full tensors
+            weights = distributed.full_model_state(net, everywhere=False)
+            # before the first step there is no state; asking for it would initialise it
+            # with a zero-gradient step (torch's get_optimizer_state_dict), shifting Adam's count
+            optimizer_state = distributed.full_optimizer_state(net, optimizer) if step else None
+            if main:
+                model.load_state_dict(weights)
+        else:
+            optimizer_state = optimizer.state_dict()
         if main:
-            save_checkpoint(work_dir, model, snapshot())
+            save_checkpoint(work_dir, model, snapshot(optimizer_state))
         saved_step = step
 
     if step == 0 and not resuming:
         checkpoint()
 
-    net = distributed.wrap_ddp(model)  # rebuilt each stage: the parameters are new
     bar = None
     if cfg.progress and main and step < total:
         from tqdm.auto import tqdm
@@ -464,7 +504,11 @@ def train_stage(
                     with torch.no_grad(), autocast_for(device):
                         teacher_logits = teacher(input_ids=batch, use_cache=False).logits
                 last = micro == cfg.grad_accum - 1
-                sync = contextlib.nullcontext() if last or net is model else net.no_sync()
+                if sharded:
+                    net.set_requires_gradient_sync(last)
+                sync = (
+                    contextlib.nullcontext() if last or net is model or sharded else net.no_sync()
+                )
                 with sync:
                     with autocast_for(device):
                         logits = net(input_ids=batch, use_cache=False).logits
@@ -475,7 +519,8 @@ def train_stage(
                     parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
                 del logits, teacher_logits, loss
             loss_sum, parts_sum, any_bad = _mean_over_ranks(loss_sum, parts_sum, device)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+            grad_norm = distributed.full(grad_norm)
             finite = not any_bad and bool(torch.isfinite(grad_norm))
             lr = scheduler.get_last_lr()[0]
             if finite:
@@ -523,7 +568,11 @@ def train_stage(
     finally:
         if bar is not None:
             bar.close()
-        del net  # drops DDP's gradient hooks and buckets
+        if sharded:
+            weights = distributed.full_model_state(net, everywhere=True)
+            model.to(device)
+            model.load_state_dict(weights)
+        net = None  # drops DDP's gradient hooks and buckets, or the sharded copy
     model.eval()
     return TrainResult(
         steps=total,

@@ -66,48 +66,123 @@ def test_helpers_are_the_identity_in_one_process():
     assert distributed.init(torch.device("cpu")) == torch.device("cpu")
 
 
-def test_torchrun_two_processes_match_one_process(inputs, tmp_path, capsys):
-    """2 gloo ranks × batch 2 against 1 process × batch 4: the same global batches, the same
-    Grams (sharded calibration, all-reduced), hence the same ranks and parameter counts, and
-    held-out perplexities equal up to floating-point reduction order."""
+@pytest.fixture(scope="module")
+def single(inputs, tmp_path_factory):
+    """The reference: one process, batch 4."""
     model, data = inputs
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    assert main(_argv(model, data, single, batch_size=4)) == 0
-    capsys.readouterr()
+    out = tmp_path_factory.mktemp("single") / "fam"
+    torch.set_num_threads(1)
+    assert main(_argv(model, data, out, batch_size=4)) == 0
+    return out
 
+
+# Each rank SIGKILLs itself in the middle of the 4th optimizer step of the first stage.
+KILLED_MAIN = """
+import os, signal, sys
+import plrd.data
+_next, calls = plrd.data.BlockStream.next_batch, []
+def next_batch(self):
+    calls.append(1)
+    if len(calls) == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _next(self)
+plrd.data.BlockStream.next_batch = next_batch
+from plrd.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _torchrun(argv: list[str], script: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    done = subprocess.run(
+    target = [str(script)] if script is not None else ["-m", "plrd"]
+    return subprocess.run(
         [
             *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
-            *("--nproc_per_node", "2", "-m", "plrd"),
-            *_argv(model, data, ddp, batch_size=2),
+            *("--nproc_per_node", "2", *target, *argv),
         ],
         env=env,
         capture_output=True,
         text=True,
         timeout=240,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("family: ") == 1  # rank 0 alone prints
-    assert done.stdout.count("held-out ppl") >= 2
 
+
+def _compare(single: Path, other: Path, world: int) -> None:
     a = json.loads((single / "family.json").read_text())
-    b = json.loads((ddp / "family.json").read_text())
+    b = json.loads((other / "family.json").read_text())
     assert b["parent"]["held_out_ppl"] == pytest.approx(a["parent"]["held_out_ppl"], rel=1e-4)
-    assert "2 processes" in b["throughput"]
     assert [m["size"] for m in b["members"]] == [0.9, 0.8]
     for x, y in zip(a["members"], b["members"], strict=True):
-        assert (x["world_size"], y["world_size"]) == (1, 2)
+        assert (x["world_size"], y["world_size"]) == (1, world)
         assert y["params"] == x["params"] and y["tokens"] == x["tokens"]
         ranks_x = json.loads((single / x["path"] / "plrd.json").read_text())["layers"]
-        ranks_y = json.loads((ddp / y["path"] / "plrd.json").read_text())["layers"]
+        ranks_y = json.loads((other / y["path"] / "plrd.json").read_text())["layers"]
         assert ranks_y == ranks_x
         for key in ("zero_shot_ppl", "held_out_ppl"):
             assert y[key] == pytest.approx(x[key], rel=1e-3), key
+
+
+def test_torchrun_two_processes_match_one_process(inputs, single, tmp_path):
+    """2 gloo ranks × batch 2 against 1 process × batch 4: the same global batches, the same
+    Grams (sharded calibration, all-reduced), hence the same ranks and parameter counts, and
+    held-out perplexities equal up to floating-point reduction order."""
+    model, data = inputs
+    ddp = tmp_path / "ddp"
+    done = _torchrun(_argv(model, data, ddp, batch_size=2))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("family: ") == 1  # rank 0 alone prints
+    assert done.stdout.count("held-out ppl") >= 2
+    _compare(single, ddp, world=2)
+
+    b = json.loads((ddp / "family.json").read_text())
+    assert "2 processes" in b["throughput"]
+    for y in b["members"]:
         steps = (ddp / "stages" / f"size-{y['size']:.2f}" / "train.jsonl").read_text()
         assert len(steps.splitlines()) == 6  # the token budget is global: 6 steps of 2 x 2
     # rank 0 alone wrote: one member directory per size, no stray temporaries
     assert sorted(p.name for p in (ddp / "members").iterdir()) == ["size-0.80", "size-0.90"]
     assert not [p for p in ddp.rglob(".*") if p.name.endswith((".tmp", ".old"))]
+
+
+def test_fsdp2_killed_mid_stage_resumes_to_the_same_family(inputs, single, tmp_path):
+    """``--parallel fsdp``: LowRankLinear factors sharded by FSDP2 over 2 gloo ranks; both ranks
+    are SIGKILLed mid-stage, the same command resumes from the last checkpoint (full weights and
+    full optimizer state, written by rank 0), and the family matches the single process."""
+    model, data = inputs
+    out = tmp_path / "fsdp"
+    argv = _argv(model, data, out, batch_size=2) + ["--parallel", "fsdp"]
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_MAIN)
+    killed = _torchrun(argv, script)
+    assert killed.returncode != 0
+    stage = out / "stages" / "size-0.90"
+    assert [json.loads(x)["step"] for x in (stage / "train.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+    ]
+    state = json.loads((stage / "checkpoint" / "train_state.json").read_text())
+    assert "__tuple__" in json.dumps(state["state"])  # readable JSON, no pickle
+
+    done = _torchrun(argv)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming the interrupted stage" in done.stdout
+    _compare(single, out, world=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+def test_fsdp2_on_gpus_matches_one_process(inputs, single, tmp_path):
+    model, data = inputs
+    out = tmp_path / "fsdp-gpu"
+    argv = _argv(model, data, out, batch_size=2) + ["--parallel", "fsdp"]
+    argv[argv.index("--device") + 1] = "cuda"
+    done = _torchrun(argv)
+    assert done.returncode == 0, done.stderr[-3000:]
+    b = json.loads((out / "family.json").read_text())
+    a = json.loads((single / "family.json").read_text())
+    for x, y in zip(a["members"], b["members"], strict=True):
+        assert y["params"] == x["params"]
+        assert y["held_out_ppl"] == pytest.approx(x["held_out_ppl"], rel=0.1)  # bf16 autocast

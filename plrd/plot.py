@@ -36,7 +36,7 @@ def plot_family(manifest: dict, path: str | os.PathLike) -> Path:
         )
         for m, xi in zip(members, x, strict=True):
             ax.annotate(
-                f"{m['size']:g}",
+                f"{m['size']:g}: {m['held_out_ppl']:.1f}",
                 (xi, m["held_out_ppl"]),
                 textcoords="offset points",
                 xytext=(4, -12),
@@ -51,6 +51,14 @@ def plot_family(manifest: dict, path: str | os.PathLike) -> Path:
         markersize=14,
         label=f"parent ({Path(str(parent['name'])).name})",
     )
+    ax.annotate(
+        f"{parent['held_out_ppl']:.1f}",
+        (parent["params"] / 1e6, parent["held_out_ppl"]),
+        textcoords="offset points",
+        xytext=(-10, 8),
+        fontsize=8,
+    )
+    ax.margins(x=0.08, y=0.12)
     ax.set_yscale("log")
     from matplotlib.ticker import FuncFormatter
 
@@ -65,7 +73,7 @@ def plot_family(manifest: dict, path: str | os.PathLike) -> Path:
         title += f" ({tokens:,} training tokens per stage)"
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")  # small and good: usually empty
     fig.tight_layout()
     target = Path(path)
     with atomic_path(target) as tmp:

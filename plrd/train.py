@@ -568,11 +568,11 @@ def train_stage(
     finally:
         if bar is not None:
             bar.close()
-        if sharded:
-            weights = distributed.full_model_state(net, everywhere=True)
-            model.to(device)
-            model.load_state_dict(weights)
-        net = None  # drops DDP's gradient hooks and buckets, or the sharded copy
+    if sharded:  # the trained weights back into the plain model, on every rank (a collective)
+        weights = distributed.full_model_state(net, everywhere=True)
+        model.to(device)
+        model.load_state_dict(weights)
+    net = None  # drops DDP's gradient hooks and buckets, or the sharded copy
     model.eval()
     return TrainResult(
         steps=total,

@@ -342,12 +342,26 @@ def _precheck(args: argparse.Namespace) -> None:
         if model.strip().lower() in ALIASES:
             find_smollm2_gguf()
         else:
-            resolve_model(model)
+            _check_config(model, resolve_model(model))
     if getattr(args, "device", None) is not None:
         resolve_device(args.device)
     out = getattr(args, "out", None)
     if out is not None and distributed.is_main():  # under torchrun rank 0 alone writes
         check_writable_dir(out)
+
+
+def _check_config(name: str, resolved: str) -> None:
+    """The model's config must load (a hub id needs the network or the local cache)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(resolved)
+    except (OSError, ValueError, KeyError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"--model {name} cannot be loaded ({reason}); pass a Hugging Face model directory, "
+            "a cached hub id, or smollm2-135m"
+        ) from None
 
 
 def _quiet_transformers() -> None:

@@ -39,7 +39,7 @@ def run_decompose(args: argparse.Namespace) -> dict:
     corpus = _corpus(args, tokenizer)
     torch.manual_seed(args.seed)
     model, tokenizer, _ = load_model(args.model, device)
-    check_model(model, args.model, (args.size,))
+    check_model(model, args.model, (args.size,), args.seq_len)
     before = count_parameters(model)
     started = time.perf_counter()
     calib = corpus.calibration_blocks(args.calib_tokens, seed=args.seed)

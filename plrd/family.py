@@ -143,6 +143,8 @@ class FamilyConfig:
             raise ValueError(f"--parallel must be one of {', '.join(PARALLEL)}")
         if self.max_bad_steps < 0:
             raise ValueError(f"--max-bad-steps must be >= 0, got {self.max_bad_steps}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be in [0, 2^32), got {self.seed}")
         if not 0 < self.held_out_fraction < 1:
             raise ValueError(f"--held-out-fraction must be in (0, 1), got {self.held_out_fraction}")
 
@@ -187,10 +189,13 @@ def check_sizes(sizes: Sequence[float]) -> None:
             raise ValueError(f"--sizes must strictly decrease, but {b:g} follows {a:g}")
 
 
-def check_model(model: torch.nn.Module, name: str, sizes: Sequence[float] = ()) -> None:
+def check_model(
+    model: torch.nn.Module, name: str, sizes: Sequence[float] = (), seq_len: int | None = None
+) -> None:
     """Refuse a model plrd cannot shrink, before any work: one with no targetable linear layer,
-    with NaN/inf weights, or too small to reach the smallest of ``sizes`` (fractions of its
-    parameters) even at rank 1 in every targeted layer. Raises ValueError naming the model."""
+    with NaN/inf weights, too small to reach the smallest of ``sizes`` (fractions of its
+    parameters) even at rank 1 in every targeted layer, or whose context is shorter than
+    ``seq_len``. Raises ValueError naming the model."""
     from plrd.counting import count_parameters
     from plrd.ranks import LayerSpec, min_weight_params
     from plrd.targets import find_targets, is_lowrank, layer_shape, linear_layers
@@ -210,6 +215,15 @@ def check_model(model: torch.nn.Module, name: str, sizes: Sequence[float] = ()) 
                 f"--model {name}: parameter {pname} holds NaN or inf values; the weights are "
                 "damaged: restore them or pass another model"
             )
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None
+    )
+    if seq_len is not None and isinstance(context, int) and seq_len > context:
+        raise ValueError(
+            f"--seq-len {seq_len} is longer than the context of --model {name} ({context} "
+            f"positions); use --seq-len {context} or less"
+        )
     if sizes:
         specs = [
             LayerSpec(n, *layer_shape(m), m.rank if is_lowrank(m) else None)
@@ -472,7 +486,7 @@ def build_family(
     if manifest is not None:
         _check_resumable(manifest, cfg, corpus)
     parent, _, _ = load_model(cfg.model, device)
-    check_model(parent, cfg.model, cfg.sizes)
+    check_model(parent, cfg.model, cfg.sizes, cfg.seq_len)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         for d in (out, out / "members", out / "stages"):
@@ -601,7 +615,13 @@ def build_family(
         for p in model.parameters():
             p.requires_grad_(True)
         result = train_stage(
-            model, corpus.train, cfg.train_config(stage_index), stage_dir, teacher, on_step, desc=rel
+            model,
+            corpus.train,
+            cfg.train_config(stage_index),
+            stage_dir,
+            teacher,
+            on_step,
+            desc=rel,
         )
         post_start = time.perf_counter()
         trained: EvalResult = evaluate_sharded(model, eval_blocks, cfg.eval_batch_size)

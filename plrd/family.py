@@ -21,6 +21,11 @@ finished members whose files verify (against their plrd.json and family.json's s
 rebuilds a damaged one (the same recipe from the same start gives the same member), and
 continues an interrupted stage from its last checkpoint, or restarts the stage if that
 checkpoint is damaged.
+
+Under ``torchrun --nproc_per_node N -m plrd family`` the same code runs data-parallel
+(``plrd.distributed``): sharded calibration with summed Grams, DDP (or FSDP2 with
+``parallel="fsdp"``) training on a global batch of N × ``batch_size`` blocks, sharded evaluation;
+rank 0 alone writes files and prints.
 """
 
 from __future__ import annotations

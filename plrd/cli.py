@@ -439,8 +439,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(str(err), file=sys.stderr)
         return EXIT_USAGE
+    clean = False
     try:
-        return _run(args)
+        code = _run(args)
+        clean = True
+        return code
     except (UsageError, ValueError, FileNotFoundError) as err:  # bad input
         return _report(err, args.command, debug, EXIT_USAGE)
     except (TrainingDiverged, OSError) as err:  # a failure while working
@@ -450,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\ninterrupted; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        distributed.shutdown()
+        distributed.shutdown(clean)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ How the family uses them (every rank runs the same program on the same inputs):
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 from collections.abc import Callable, Mapping
@@ -90,10 +91,19 @@ def init(device: torch.device) -> torch.device:
     return device
 
 
-def shutdown() -> None:
-    """Destroy the process group, if one was started."""
+def shutdown(clean: bool = True) -> None:
+    """Destroy the process group, if one was started.
+
+    ``clean`` (every rank got here without an error): first collect garbage (a sharded model's
+    reference cycles may still hold communication buffers) and wait for every rank, so no
+    collective is in flight when the group goes; a gloo group destroyed under pending work
+    aborts the process. After an error, only destroy (the other ranks may never arrive).
+    """
     dist = _dist()
     if dist.is_available() and dist.is_initialized():
+        if clean:
+            gc.collect()
+            dist.barrier()
         dist.destroy_process_group()
 
 

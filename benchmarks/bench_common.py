@@ -54,26 +54,43 @@ def meta_parameter_count(config: Any) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def same_size_dense_config(target_params: int, depth: int | None = None) -> Any:
+def _solve_intermediate(target_params: int, hidden: int, depth: int) -> tuple[int, dict]:
+    """The MLP width giving ``target_params`` at this hidden size and depth (count is linear)."""
+    heads = hidden // SMOLLM2_CONFIG["head_dim"]
+    shape = {
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads // 3,
+        "num_hidden_layers": depth,
+    }
+    base = meta_parameter_count(llama_config(intermediate_size=1, **shape))
+    per_unit = meta_parameter_count(llama_config(intermediate_size=2, **shape)) - base
+    return round((target_params - base) / per_unit) + 1, shape
+
+
+def same_size_dense_config(
+    target_params: int, depth: int | None = None, hidden: int | None = None
+) -> Any:
     """A dense SmolLM2-like ``LlamaConfig`` with ≈ ``target_params`` parameters, same depth.
 
     Widths shrink in steps that keep the head size (64) and the 3:1 query/key-value head ratio:
     hidden ∈ {576, 384, 192}. The largest hidden whose matching MLP width is at least the
-    hidden size is taken; the MLP width is then solved exactly (the count is linear in it).
+    hidden size is taken (the usual shape of a smaller model); the MLP width is then solved
+    exactly (the count is linear in it). ``hidden`` fixes the hidden size instead (the MLP
+    alone shrinks; it must stay at least 1 wide).
     """
     head_dim = SMOLLM2_CONFIG["head_dim"]
     depth = depth or SMOLLM2_CONFIG["num_hidden_layers"]
+    if hidden is not None:
+        intermediate, shape = _solve_intermediate(target_params, hidden, depth)
+        if intermediate < 1:
+            raise ValueError(
+                f"a dense Llama of depth {depth} and hidden {hidden} has more than "
+                f"{target_params} parameters even with an MLP 1 wide; choose a smaller hidden"
+            )
+        return llama_config(intermediate_size=intermediate, **shape)
     for hidden in range(SMOLLM2_CONFIG["hidden_size"], 0, -3 * head_dim):
-        heads = hidden // head_dim
-        shape = {
-            "hidden_size": hidden,
-            "num_attention_heads": heads,
-            "num_key_value_heads": heads // 3,
-            "num_hidden_layers": depth,
-        }
-        base = meta_parameter_count(llama_config(intermediate_size=1, **shape))
-        per_unit = meta_parameter_count(llama_config(intermediate_size=2, **shape)) - base
-        intermediate = round((target_params - base) / per_unit) + 1
+        intermediate, shape = _solve_intermediate(target_params, hidden, depth)
         if intermediate >= hidden:
             return llama_config(intermediate_size=intermediate, **shape)
     raise ValueError(

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 from bench_common import build_llama, llama_config, same_size_dense_config
-from shapes import KEEPS
+from shapes import KEEPS, SMOLLM2_CONFIG
 
 # --------------------------------------------------------------------------- machine metadata
 
@@ -138,19 +138,40 @@ def smollm2_members(smollm2_parent: torch.nn.Module) -> dict[float, torch.nn.Mod
     return members
 
 
-@pytest.fixture(scope="session")
-def same_size_dense(
-    smollm2_members: dict[float, torch.nn.Module],
+def _dense_like(
+    members: dict[float, torch.nn.Module], keeps: tuple[float, ...], hidden: int | None
 ) -> dict[float, torch.nn.Module]:
-    """{keep: dense model with the member's parameter count (within 2%) at the same depth}."""
     import plrd
 
     models = {}
-    for keep, member in smollm2_members.items():
-        target = plrd.count_parameters(member)
-        model = build_llama(same_size_dense_config(target))
+    for keep in keeps:
+        target = plrd.count_parameters(members[keep])
+        model = build_llama(same_size_dense_config(target, hidden=hidden))
         count = plrd.count_parameters(model)
         if abs(count - target) > 0.02 * target:
             raise ValueError(f"same-size dense model has {count} parameters, member {target}")
         models[keep] = model
     return models
+
+
+@pytest.fixture(scope="session")
+def same_size_dense(
+    smollm2_members: dict[float, torch.nn.Module],
+) -> dict[float, torch.nn.Module]:
+    """{keep: dense model with the member's parameter count (within 2%) at the same depth}.
+
+    Hidden and MLP widths shrink together (see ``same_size_dense_config``).
+    """
+    return _dense_like(smollm2_members, tuple(smollm2_members), hidden=None)
+
+
+@pytest.fixture(scope="session")
+def same_width_dense(
+    smollm2_members: dict[float, torch.nn.Module],
+) -> dict[float, torch.nn.Module]:
+    """{0.5: dense model of the keep-0.5 member's size with the parent's hidden width (576)}.
+
+    Only the MLP shrinks, so embeddings, output head, attention and norms cost what they cost
+    in the member: the comparison isolates the factored layers.
+    """
+    return _dense_like(smollm2_members, (0.5,), hidden=SMOLLM2_CONFIG["hidden_size"])

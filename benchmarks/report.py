@@ -36,10 +36,24 @@ TARGETS = (
     ),
     (
         "test_model_forward_paired[member-keep0.50-vs-dense-same-size]",
-        "member keep 0.5 vs dense model of the same parameter count, forward",
+        "member keep 0.5 vs dense model of the same parameter count (hidden/MLP 384/1058), forward",
+        0.9,
+    ),
+    (
+        "test_model_forward_paired[member-keep0.50-vs-dense-same-width]",
+        "(diagnostic) member keep 0.5 vs dense model of the same parameter count at the "
+        "parent's hidden width (576/239), forward",
         0.9,
     ),
 )
+
+
+LABELS = {
+    "member": "plrd member (factored)",
+    "dense-same-size": "dense, same size (narrower hidden and MLP)",
+    "dense-same-width": "dense, same size, parent's hidden width",
+    "parent": "dense parent",
+}
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -302,7 +316,13 @@ def plot_models(benchmarks: list[dict[str, Any]], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
     for ax, (group, models) in zip(axes[0], groups.items(), strict=True):
-        for kind, marker in (("member", "o"), ("dense-same-size", "s"), ("parent", "*")):
+        kinds = (
+            ("member", "o"),
+            ("dense-same-size", "s"),
+            ("dense-same-width", "^"),
+            ("parent", "*"),
+        )
+        for kind, marker in kinds:
             points = sorted(
                 (extra["params"] / 1e6, extra["tokens_per_s"])
                 for model_id, extra in models.items()
@@ -315,11 +335,7 @@ def plot_models(benchmarks: list[dict[str, Any]], path: Path) -> bool:
                     ys,
                     marker=marker,
                     markersize=9 if kind == "parent" else 6,
-                    label={
-                        "member": "plrd member (factored)",
-                        "dense-same-size": "dense, same size",
-                        "parent": "dense parent",
-                    }[kind],
+                    label=LABELS[kind],
                 )
         ax.set_xlabel("parameters (M)")
         ax.set_ylabel("tokens/s (best round)")

@@ -3,7 +3,9 @@ the members' sizes, on the CPU (fp32, random weights: only speed is measured).
 
 Models (ids): ``parent`` (dense, 134.5M parameters), ``member-keepK`` (``plrd.decompose`` to K of
 the parent's parameters, progressively), ``dense-same-size-keepK`` (a dense Llama of the same
-depth with smaller widths and the member's parameter count within 2%).
+depth with smaller hidden and MLP widths and the member's parameter count within 2%), and, for
+the forward only, ``dense-same-width-keep0.50`` (the same size at the parent's hidden width 576,
+MLP 240 wide: it isolates the factored layers from the cost of a wider hidden state).
 
 Groups: forward (scoring a batch, all logits), decode (greedy generation with the KV cache at
 batch 1) and one training step (forward, backward, AdamW step). Every result stores tokens/s in
@@ -28,6 +30,13 @@ MODEL_IDS = (
     + [f"member-keep{keep:.2f}" for keep in KEEPS]
     + [f"dense-same-size-keep{keep:.2f}" for keep in KEEPS]
 )
+#: Forward only: the keep-0.5 member's size at the parent's hidden width (MLP 240 wide).
+WIDTH_IDS = ["dense-same-width-keep0.50"]
+FIXTURES = {
+    "member": "smollm2_members",
+    "dense-same-size": "same_size_dense",
+    "dense-same-width": "same_width_dense",
+}
 
 
 @pytest.fixture
@@ -38,8 +47,7 @@ def get_model(request: pytest.FixtureRequest) -> Callable[[str], torch.nn.Module
         if model_id == "parent":
             return request.getfixturevalue("smollm2_parent")
         kind, _, keep = model_id.rpartition("-keep")
-        fixture = "smollm2_members" if kind == "member" else "same_size_dense"
-        return request.getfixturevalue(fixture)[float(keep)]
+        return request.getfixturevalue(FIXTURES[kind])[float(keep)]
 
     return get
 
@@ -67,7 +75,7 @@ def _parent_params(get_model: Callable[[str], torch.nn.Module]) -> int:
     return plrd.count_parameters(get_model("parent"))
 
 
-@pytest.mark.parametrize("model_id", MODEL_IDS)
+@pytest.mark.parametrize("model_id", MODEL_IDS + WIDTH_IDS)
 def test_model_forward(
     benchmark: Any, get_model: Callable[[str], torch.nn.Module], model_id: str
 ) -> None:
@@ -134,6 +142,11 @@ def test_model_train_step(
         pytest.param("member-keep0.50", "parent", id="member-keep0.50-vs-parent"),
         pytest.param(
             "member-keep0.50", "dense-same-size-keep0.50", id="member-keep0.50-vs-dense-same-size"
+        ),
+        pytest.param(
+            "member-keep0.50",
+            "dense-same-width-keep0.50",
+            id="member-keep0.50-vs-dense-same-width",
         ),
     ],
 )

@@ -8,6 +8,15 @@ import torch
 from tests.tiny_models import TINY_MODELS, tiny_gpt2, tiny_llama, token_batches
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids oversubscription on a shared machine (100x on 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=sorted(TINY_MODELS))
 def tiny_model(request) -> torch.nn.Module:
     """Each tiny architecture in turn (parametrized); ``request.param`` is its name."""

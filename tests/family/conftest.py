@@ -126,10 +126,12 @@ def make_config(tiny_model_dir, corpus_dir, tmp_path):
     return make
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription on a shared machine (100x on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory):
+    """(model dir, corpus file) for tests that run the ``plrd`` command in subprocesses."""
+    root = tmp_path_factory.mktemp("cli")
+    docs = fixture_documents()
+    model = build_model_dir(root / "model", docs)
+    data = root / "corpus.txt"
+    data.write_text("\n\n".join(docs))
+    return model, data

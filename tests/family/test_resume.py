@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from plrd.cli import main
 from plrd.train import STATE, STATE_TENSORS, checkpoint_dir, read_state
-from tests.family.conftest import SEQ, build_model_dir, fixture_documents
+from tests.family.conftest import SEQ
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8  # per stage
 
 # The killed runs are slowed down (a pause per batch) so that the kill lands mid-stage.
@@ -34,24 +34,6 @@ plrd.data.BlockStream.next_batch = slow
 from plrd.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    docs = fixture_documents()
-    model = build_model_dir(root / "model", docs)
-    data = root / "corpus.txt"
-    data.write_text("\n\n".join(docs))
-    return model, data
 
 
 def _argv(model: Path, data: Path, out: Path) -> list[str]:
@@ -105,8 +87,8 @@ def _members(out: Path) -> list[dict]:
     return [{k: v for k, v in m.items() if k not in drop} for m in doc["members"]]
 
 
-def test_kill_9_mid_stage_then_rerun_gives_the_same_family(inputs, tmp_path, capsys):
-    model, data = inputs
+def test_kill_9_mid_stage_then_rerun_gives_the_same_family(cli_inputs, tmp_path, capsys):
+    model, data = cli_inputs
     ref, out = tmp_path / "ref", tmp_path / "killed"
     assert main(_argv(model, data, ref)) == 0
 
@@ -147,9 +129,9 @@ def test_kill_9_mid_stage_then_rerun_gives_the_same_family(inputs, tmp_path, cap
     assert not leftovers
 
 
-def test_training_state_is_safetensors_and_json_only(inputs, tmp_path):
+def test_training_state_is_safetensors_and_json_only(cli_inputs, tmp_path):
     """No pickle anywhere in a checkpoint; a damaged state file is named on read."""
-    model, data = inputs
+    model, data = cli_inputs
     out = tmp_path / "fam"
     argv = _argv(model, data, out)
     argv[argv.index("--sizes") + 1] = "0.9"

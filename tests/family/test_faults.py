@@ -20,14 +20,6 @@ from plrd.train import (
 from tests.tiny_models import VOCAB, tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _blocks(n=16, t=16):
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, VOCAB, (n, t), generator=g)

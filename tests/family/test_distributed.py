@@ -15,27 +15,9 @@ import torch
 
 from plrd import distributed
 from plrd.cli import main
-from tests.family.conftest import SEQ, build_model_dir, fixture_documents
+from tests.family.conftest import SEQ
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
-    docs = fixture_documents()
-    model = build_model_dir(root / "model", docs)
-    data = root / "corpus.txt"
-    data.write_text("\n\n".join(docs))
-    return model, data
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _argv(model: Path, data: Path, out: Path, batch_size: int) -> list[str]:
@@ -67,9 +49,9 @@ def test_helpers_are_the_identity_in_one_process():
 
 
 @pytest.fixture(scope="module")
-def single(inputs, tmp_path_factory):
+def single(cli_inputs, tmp_path_factory):
     """The reference: one process, batch 4."""
-    model, data = inputs
+    model, data = cli_inputs
     out = tmp_path_factory.mktemp("single") / "fam"
     torch.set_num_threads(1)
     assert main(_argv(model, data, out, batch_size=4)) == 0
@@ -124,11 +106,11 @@ def _compare(single: Path, other: Path, world: int) -> None:
             assert y[key] == pytest.approx(x[key], rel=1e-3), key
 
 
-def test_torchrun_two_processes_match_one_process(inputs, single, tmp_path):
+def test_torchrun_two_processes_match_one_process(cli_inputs, single, tmp_path):
     """2 gloo ranks × batch 2 against 1 process × batch 4: the same global batches, the same
     Grams (sharded calibration, all-reduced), hence the same ranks and parameter counts, and
     held-out perplexities equal up to floating-point reduction order."""
-    model, data = inputs
+    model, data = cli_inputs
     ddp = tmp_path / "ddp"
     done = _torchrun(_argv(model, data, ddp, batch_size=2))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -146,11 +128,11 @@ def test_torchrun_two_processes_match_one_process(inputs, single, tmp_path):
     assert not [p for p in ddp.rglob(".*") if p.name.endswith((".tmp", ".old"))]
 
 
-def test_fsdp2_killed_mid_stage_resumes_to_the_same_family(inputs, single, tmp_path):
+def test_fsdp2_killed_mid_stage_resumes_to_the_same_family(cli_inputs, single, tmp_path):
     """``--parallel fsdp``: LowRankLinear factors sharded by FSDP2 over 2 gloo ranks; both ranks
     are SIGKILLed mid-stage, the same command resumes from the last checkpoint (full weights and
     full optimizer state, written by rank 0), and the family matches the single process."""
-    model, data = inputs
+    model, data = cli_inputs
     out = tmp_path / "fsdp"
     argv = _argv(model, data, out, batch_size=2) + ["--parallel", "fsdp"]
     script = tmp_path / "killed.py"
@@ -174,8 +156,8 @@ def test_fsdp2_killed_mid_stage_resumes_to_the_same_family(inputs, single, tmp_p
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
-def test_fsdp2_on_gpus_matches_one_process(inputs, single, tmp_path):
-    model, data = inputs
+def test_fsdp2_on_gpus_matches_one_process(cli_inputs, single, tmp_path):
+    model, data = cli_inputs
     out = tmp_path / "fsdp-gpu"
     argv = _argv(model, data, out, batch_size=2) + ["--parallel", "fsdp"]
     argv[argv.index("--device") + 1] = "cuda"

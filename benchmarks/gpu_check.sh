@@ -46,6 +46,24 @@ case $tests_rc in
 esac
 echo "$tests_status"
 
+# 1b. FSDP2 over NCCL with LowRankLinear on the GPU (a tiny family, one rank per device up to 2).
+fsdp_junit=()
+[ -n "${OUT:-}" ] && fsdp_junit=(--junitxml "$OUT/gpu_fsdp.xml")
+fsdp_log=$(mktemp)
+timeout 150 "$PY" -m pytest tests/family/test_distributed.py -q -p no:cacheprovider \
+    -k fsdp2_on_gpus -rfEs ${fsdp_junit[@]+"${fsdp_junit[@]}"} | tee "$fsdp_log"
+fsdp_rc=${PIPESTATUS[0]}
+if [ "$fsdp_rc" = 124 ]; then
+    tests_status="$tests_status; FSDP2 on GPU: TIMED OUT after 150s"
+elif [ "$fsdp_rc" != 0 ]; then
+    tests_status="$tests_status; FSDP2 on GPU: FAILED (pytest exit $fsdp_rc)"
+elif grep -q "1 passed" "$fsdp_log"; then
+    tests_status="$tests_status; FSDP2 on GPU: passed"
+else
+    tests_status="$tests_status; FSDP2 on GPU: skipped (no CUDA device)"
+fi
+rm -f "$fsdp_log"
+
 # 2. The sweep, with the time that is left (it stops starting cases when its budget runs out).
 elapsed=$(( $(date +%s) - start ))
 budget=$(( TOTAL_S - elapsed - 30 ))

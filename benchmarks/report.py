@@ -317,12 +317,12 @@ def plot_models(benchmarks: list[dict[str, Any]], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
     for ax, (group, models) in zip(axes[0], groups.items(), strict=True):
         kinds = (
-            ("member", "o"),
-            ("dense-same-size", "s"),
-            ("dense-same-width", "^"),
-            ("parent", "*"),
+            ("member", "o", "tab:blue"),
+            ("dense-same-size", "s", "tab:orange"),
+            ("dense-same-width", "^", "tab:green"),
+            ("parent", "*", "tab:red"),
         )
-        for kind, marker in kinds:
+        for kind, marker, color in kinds:
             points = sorted(
                 (extra["params"] / 1e6, extra["tokens_per_s"])
                 for model_id, extra in models.items()
@@ -334,6 +334,7 @@ def plot_models(benchmarks: list[dict[str, Any]], path: Path) -> bool:
                     xs,
                     ys,
                     marker=marker,
+                    color=color,
                     markersize=9 if kind == "parent" else 6,
                     label=LABELS[kind],
                 )

@@ -16,6 +16,19 @@ from pathlib import Path
 from typing import Any
 
 
+def _current_umask() -> int:
+    """The process umask (read by setting and restoring it; there is no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(path: Path, directory: bool = False) -> None:
+    """Give a ``tempfile`` file (created 0600) or directory (0700) the mode a plain ``open`` or
+    ``mkdir`` would have given it, so what plrd writes is as readable as any other file."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_current_umask())
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -35,6 +48,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        _follow_umask(tmp)  # after the writer: some writers replace the file they are given
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     finally:
@@ -71,6 +85,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    _follow_umask(tmp, directory=True)
     try:
         yield tmp
         old = None

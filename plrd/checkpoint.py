@@ -113,8 +113,10 @@ def _fsync(path: Path) -> None:
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``model.safetensors`` and ``plrd.json`` into ``directory`` (created if needed).
 
-    Works for any model; tied tensors are stored once. ``plrd.json`` records the factored
-    layers and the weights file's size and SHA-256 (see the module docs for the write order).
+    Works for any model; tied tensors are stored once. A Hugging Face model also gets its
+    ``config.json`` (and generation config), so ``plrd.load_pretrained(directory)`` rebuilds
+    it. ``plrd.json`` records the factored layers and the weights file's size and SHA-256 (see
+    the module docs for the write order).
     Returns the directory.
     """
     from safetensors.torch import save_model
@@ -138,8 +140,21 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         record["file"] = WEIGHTS_NAME
         (directory / MANIFEST_NAME).unlink(missing_ok=True)  # never describe other weights
     info["weights"] = record
+    _save_hf_config(model, directory)
     write_json(directory / MANIFEST_NAME, info)
     return directory
+
+
+def _save_hf_config(model: nn.Module, directory: Path) -> None:
+    """``config.json`` (and ``generation_config.json``) of a Hugging Face model, so that
+    ``plrd.load_pretrained`` can rebuild its architecture; nothing for other models."""
+    config = getattr(model, "config", None)
+    if not callable(getattr(config, "save_pretrained", None)):
+        return
+    config.save_pretrained(directory)
+    generation = getattr(model, "generation_config", None)
+    if callable(getattr(generation, "save_pretrained", None)):
+        generation.save_pretrained(directory)
 
 
 def weights_checksum(directory: str | os.PathLike) -> str:

@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False) or "(default" in (action.help or ""):
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 
@@ -144,6 +144,15 @@ def _add_common(
     )
     p.add_argument("--device", default=defaults.device, help="auto (cuda if available), cpu, cuda")
     p.add_argument("--seed", type=int, default=defaults.seed, help="random seed")
+    _add_output_flags(p)
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (they are shown only when stderr is a terminal)",
+    )
     p.add_argument(
         "--debug", action="store_true", help="show tracebacks instead of one-line errors"
     )
@@ -256,7 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="also train the token embeddings / output head (frozen by default: Adam moves "
         "every vocabulary row each step, which hurts on small corpora)",
     )
-    fam.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(fam, d)
 
     dec = sub.add_parser(
@@ -284,8 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate DIR (a member directory, a family directory, a Hugging Face "
         "directory or smollm2-135m) on the held-out split of --data.",
     )
-    ev.add_argument("dir", metavar="DIR")
+    ev.add_argument("dir", metavar="DIR", nargs="?")
     _add_common(ev, d, with_model=False)
+    # a family is evaluated on its own recorded corpus and split unless these are given
+    ev.set_defaults(
+        data=None, seq_len=None, held_out_fraction=None, eval_tokens=None, eval_batch_size=None
+    )
 
     info = sub.add_parser(
         "info",
@@ -295,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a member directory.",
     )
     info.add_argument("dir", metavar="DIR")
-    info.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_output_flags(info)
     return parser
 
 
@@ -322,7 +334,7 @@ def _family_config(args: argparse.Namespace) -> FamilyConfig:
         held_out_fraction=args.held_out_fraction,
         checkpoint_every=args.checkpoint_every,
         train_embeddings=args.train_embeddings,
-        progress=not args.no_progress,
+        progress=args.progress,
         max_bad_steps=args.max_bad_steps,
         parallel=args.parallel,
     )
@@ -406,6 +418,17 @@ def _run(args: argparse.Namespace) -> int:
     raise UsageError(f"plrd: error: unknown command {args.command!r}")
 
 
+def _positional_after_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``plrd eval --data a.txt DIR``: ``--data`` takes one or more paths, so it also took DIR;
+    give the last one back to DIR."""
+    if args.command != "eval" or args.dir is not None:
+        return
+    if args.data and len(args.data) > 1:
+        args.dir = args.data.pop()
+        return
+    parser.error("plrd eval needs DIR, the member, family or model directory to evaluate")
+
+
 def _report(err: BaseException, command: str, debug: bool, code: int) -> int:
     """Print ``err`` as one line ``plrd COMMAND: error: ...`` (or its traceback with --debug).
 
@@ -436,9 +459,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        _positional_after_data(parser, args)
     except UsageError as err:
         print(str(err), file=sys.stderr)
         return EXIT_USAGE
+    args.progress = not args.no_progress and sys.stderr.isatty()
     clean = False
     try:
         code = _run(args)

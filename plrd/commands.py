@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 
 from plrd.atomic import read_json
+from plrd.counting import count_parameters
 from plrd.family import (
     MANIFEST,
+    FamilyConfig,
     check_model,
     format_params,
     format_table,
@@ -29,7 +31,6 @@ def _corpus(args: argparse.Namespace, tokenizer):
 
 def run_decompose(args: argparse.Namespace) -> dict:
     """Decompose ``--model`` to ``--size`` × its parameters; save a member to ``--out``."""
-    from plrd.counting import count_parameters
     from plrd.evaluate import evaluate
     from plrd.family import grams_and_decompose
     from plrd.models import load_model, load_tokenizer, save_member
@@ -44,7 +45,13 @@ def run_decompose(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     calib = corpus.calibration_blocks(args.calib_tokens, seed=args.seed)
     report = grams_and_decompose(
-        model, args.size, calib, args.method, args.allocation, args.eval_batch_size
+        model,
+        args.size,
+        calib,
+        args.method,
+        args.allocation,
+        args.eval_batch_size,
+        progress=args.progress,
     )
     print(report)
     entry: dict = {
@@ -69,45 +76,88 @@ def run_decompose(args: argparse.Namespace) -> dict:
     return entry
 
 
-def run_eval(args: argparse.Namespace) -> list[dict]:
-    """Held-out perplexity and tokens/s of DIR: a family (each member), a member, or a model."""
-    from plrd.evaluate import evaluate
-    from plrd.models import load_model, load_tokenizer
+def _eval_settings(args: argparse.Namespace, manifest: dict | None) -> argparse.Namespace:
+    """The corpus and split ``plrd eval`` measures on: a family's own recorded settings (the
+    text, block size, held-out fraction, tokens and batch it was measured with) unless flags
+    override them; FamilyConfig's defaults for anything else."""
+    recorded = (manifest or {}).get("config", {})
+    evaluation = (manifest or {}).get("evaluation", {})
+    defaults = FamilyConfig()
+    chosen = argparse.Namespace(**vars(args))
+    recorded_data = (manifest or {}).get("corpus", {}).get("data", recorded.get("data"))
+    chosen.data = args.data if args.data is not None else recorded_data
+    for name in ("seq_len", "held_out_fraction", "eval_tokens", "eval_batch_size"):
+        if getattr(args, name) is None:
+            value = evaluation.get(name, recorded.get(name, getattr(defaults, name)))
+            setattr(chosen, name, value)
+    return chosen
 
-    device = resolve_device(args.device)
-    root = Path(args.dir)
+
+def _describe_text(data: list[str] | None) -> str:
+    return ", ".join(data) if data else "the default corpus (Python's pydoc_data.topics)"
+
+
+def _eval_targets(root: Path, args: argparse.Namespace) -> tuple[list[tuple[str, str]], dict]:
+    """``([(label, path)], manifest or {})`` for a family, a member or a model directory."""
     if (root / MANIFEST).is_file():
         manifest = read_json(root / MANIFEST)
         targets = [(m["path"], str(root / m["path"])) for m in manifest["members"]]
         if not targets:
             raise ValueError(f"{root}/{MANIFEST} lists no finished member yet")
         verify_family(root, manifest)
-    else:
-        if (root / "plrd.json").is_file():
-            _, problem = verify_member(root)
-            if problem is not None:
-                raise ValueError(problem)
-        targets = [(args.dir, args.dir)]
+        return targets, manifest
+    if (root / "plrd.json").is_file():
+        _, problem = verify_member(root)
+        if problem is not None:
+            raise ValueError(problem)
+    return [(args.dir, args.dir)], {}
+
+
+def run_eval(args: argparse.Namespace) -> list[dict]:
+    """Held-out perplexity and tokens/s of DIR: a family (each member), a member, or a model.
+
+    A family is measured on the text and split recorded in its family.json (checked by the
+    corpus fingerprint), so the figures match the family's; ``--data`` and the other corpus
+    flags override that.
+    """
+    from plrd.evaluate import evaluate
+    from plrd.models import load_model, load_tokenizer
+
+    device = resolve_device(args.device)
+    root = Path(args.dir)
+    targets, manifest = _eval_targets(root, args)
+    settings = _eval_settings(args, manifest)
     tokenizer = load_tokenizer(targets[0][1])
-    corpus = _corpus(args, tokenizer)
-    blocks = corpus.eval_blocks(args.eval_tokens)
+    corpus = _corpus(settings, tokenizer)
+    recorded = manifest.get("corpus", {}).get("fingerprint")
+    own_text = bool(manifest) and args.data is None
+    if own_text and recorded is not None and recorded != corpus.fingerprint:
+        raise ValueError(
+            f"the corpus recorded in {root / MANIFEST} ({_describe_text(settings.data)}) has "
+            "changed since the family was built; pass --data to evaluate on other text"
+        )
+    blocks = corpus.eval_blocks(settings.eval_tokens)
+    source = "the family's own held-out split" if own_text else "the held-out split"
+    print(
+        f"evaluating on {source} of {_describe_text(settings.data)}: {blocks.numel():,} tokens "
+        f"in blocks of {settings.seq_len}, {torch.get_num_threads()} threads"
+    )
     rows = []
     for label, path in targets:
         model, _, _ = load_model(path, device)
-        from plrd.counting import count_parameters
-
-        ev = evaluate(model, blocks, args.eval_batch_size)
+        ev = evaluate(model, blocks, settings.eval_batch_size)
         row = {
             "model": label,
             "params": count_parameters(model),
             "held_out_ppl": ev.ppl,
             "tokens_per_s": ev.tokens_per_s,
+            "threads": ev.threads,
             "eval_tokens": ev.tokens,
         }
         rows.append(row)
         print(
             f"{label}: {format_params(row['params'])} parameters, held-out ppl {ev.ppl:.2f} "
-            f"on {ev.tokens:,} tokens, {ev.tokens_per_s:.0f} tokens/s"
+            f"on {ev.tokens:,} tokens, {ev.tokens_per_s:.0f} tokens/s ({ev.threads} threads)"
         )
         del model
     return rows

@@ -123,22 +123,27 @@ def read_documents(files: Iterable[Path], doc_chars: int = DEFAULT_DOC_CHARS) ->
 
 def _read_file(f: Path, doc_chars: int) -> list[str]:
     """The documents of one file: a ``.jsonl`` record's ``text`` each, else paragraph groups."""
+    text = f.read_text(encoding="utf-8")
+    if "\x00" in text:
+        raise ValueError(
+            f"data file {f} is not text (it holds NUL bytes, like a binary file); pass UTF-8 "
+            "text files"
+        )
     if f.suffix.lower() not in JSONL_SUFFIXES:
-        return split_paragraphs(f.read_text(encoding="utf-8", errors="replace"), doc_chars)
+        return split_paragraphs(text, doc_chars)
     docs: list[str] = []
-    with open(f, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{f}:{lineno} is not valid JSON ({err.msg})") from None
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise ValueError(f"{f}:{lineno} has no string 'text' field")
-            if text.strip():
-                docs.append(text)
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{f}:{lineno} is not valid JSON ({err.msg})") from None
+        field = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(field, str):
+            raise ValueError(f"{f}:{lineno} has no string 'text' field")
+        if field.strip():
+            docs.append(field)
     return docs
 
 
@@ -196,6 +201,7 @@ class Corpus:
     train_tokens: int
     held_out_tokens: int
     fingerprint: str
+    split_documents: int = 0  # documents cut between the two sides to keep the fraction
 
     @property
     def block_size(self) -> int:
@@ -220,6 +226,12 @@ class Corpus:
             f"{self.train_docs} training documents ({self.train_tokens:,} tokens, "
             f"{len(self.train)} blocks of {self.block_size}); {self.held_out_docs} held-out "
             f"documents ({self.held_out_tokens:,} tokens, {len(self.held_out)} blocks)"
+            + (
+                f"; {self.split_documents} document cut between the two to hold out the "
+                "asked fraction"
+                if self.split_documents
+                else ""
+            )
         )
 
 
@@ -249,21 +261,10 @@ def build_corpus(
             "(one to train on, one held out); add text with --data or lower --seq-len"
         )
     target = max(block_size, int(held_out_fraction * total))
-    held, train = [], []
-    held_tokens = 0
-    for i, n in enumerate(lengths):
-        if held_tokens < target:
-            held.append(i)
-            held_tokens += n
-        else:
-            train.append(i)
-    if not train:
-        # one long document (or very few): keep the last one for training
-        train.append(held.pop())
-        held_tokens -= lengths[train[0]]
+    held, train, straddling = _split_by_tokens(ids, target)
     sep = separator_id(tokenizer)
-    train_blocks = pack([ids[i] for i in train], block_size, sep)
-    held_blocks = pack([ids[i] for i in held], block_size, sep)
+    train_blocks = pack(train, block_size, sep)
+    held_blocks = pack(held, block_size, sep)
     if len(train_blocks) == 0 or len(held_blocks) == 0:
         raise ValueError(
             f"the corpus ({len(docs)} documents, {total:,} tokens) does not split into at least "
@@ -278,10 +279,37 @@ def build_corpus(
         held_out=held_blocks,
         train_docs=len(train),
         held_out_docs=len(held),
-        train_tokens=sum(lengths[i] for i in train),
-        held_out_tokens=held_tokens,
+        train_tokens=sum(len(x) + 1 for x in train),
+        held_out_tokens=sum(len(x) + 1 for x in held),
         fingerprint=digest.hexdigest()[:16],
+        split_documents=int(straddling),
     )
+
+
+def _split_by_tokens(
+    ids: Sequence[Sequence[int]], target: int
+) -> tuple[list[Sequence[int]], list[Sequence[int]], bool]:
+    """``(held, train, straddling)``: documents in order go to the held-out side until it holds
+    ``target`` tokens (one separator counted per document); the document that would overshoot
+    is cut there, its head held out and its tail trained on (``straddling`` is then True), so
+    the held-out share is what was asked for even when there are few, long documents."""
+    held: list[Sequence[int]] = []
+    train: list[Sequence[int]] = []
+    held_tokens = 0
+    straddling = False
+    for doc in ids:
+        room = target - held_tokens
+        if room <= 0:
+            train.append(doc)
+        elif len(doc) + 1 <= room:
+            held.append(doc)
+            held_tokens += len(doc) + 1
+        else:
+            held.append(doc[: room - 1])
+            train.append(doc[room - 1 :])
+            held_tokens = target
+            straddling = True
+    return held, train, straddling
 
 
 class BlockStream:

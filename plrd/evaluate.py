@@ -2,13 +2,16 @@
 
 Perplexity over blocks x [N, T] is exp of the mean next-token negative log-likelihood over all
 N·(T−1) predicted positions: ppl = exp(−(1/N(T−1)) Σₙ Σₜ log p(x[n,t+1] | x[n,≤t])).
-Throughput is the number of tokens run through the forward pass per second of wall time.
+Throughput is the number of tokens run through one forward pass of a batch per second of wall
+time: the median of several timed passes after a warm-up, with the thread count recorded beside
+it (a cold first pass pays one-time costs and would make the first model timed look slow).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -16,19 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+TIMING_REPEATS = 3
+
 
 @dataclass
 class EvalResult:
-    """``ppl`` = exp(``nll``); ``tokens`` forwarded in ``seconds`` → ``tokens_per_s``."""
+    """``ppl`` = exp(``nll``) over ``tokens`` held-out tokens; ``tokens_per_s`` is the forward
+    throughput (median of timed repeats on one warm batch) with ``threads`` CPU threads."""
 
     ppl: float
     nll: float
     tokens: int
-    seconds: float
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+    tokens_per_s: float
+    threads: int
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -51,58 +54,108 @@ def next_token_nll(logits: Tensor, input_ids: Tensor, reduction: str = "sum") ->
     )
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, blocks: Tensor, batch_size: int = 4) -> EvalResult:
-    """Held-out perplexity of ``model`` on ``blocks`` [N, T] and its forward tokens/s."""
+def forward_throughput(
+    model: torch.nn.Module, batch: Tensor, repeats: int = TIMING_REPEATS
+) -> float:
+    """Forward tokens per second on ``batch`` [B, T]: one untimed warm-up pass, then the median
+    of ``repeats`` timed passes, so every model is timed the same way (warm, same batch, the
+    current thread count)."""
+    device = model_device(model)
+    batch = batch.to(device)
+    times = []
+    for i in range(repeats + 1):
+        _synchronize(device)
+        start = time.perf_counter()
+        with autocast_for(device):
+            model(input_ids=batch, use_cache=False)
+        _synchronize(device)
+        if i > 0:
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return batch.numel() / seconds if seconds > 0 else float("inf")
+
+
+@torch.inference_mode()
+def held_out_nll(model: torch.nn.Module, blocks: Tensor, batch_size: int = 4) -> float:
+    """Mean next-token negative log-likelihood of ``model`` over ``blocks`` [N, T]."""
     if blocks.dim() != 2 or blocks.shape[1] < 2:
         raise ValueError(f"blocks must be [N, T] with T >= 2, got {tuple(blocks.shape)}")
     device = model_device(model)
-    was_training = model.training
-    model.eval()
     total_nll = 0.0
     count = 0
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
     for i in range(0, len(blocks), batch_size):
         batch = blocks[i : i + batch_size].to(device)
         with autocast_for(device):
             logits = model(input_ids=batch, use_cache=False).logits
         total_nll += float(next_token_nll(logits, batch))
         count += batch.shape[0] * (batch.shape[1] - 1)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    model.train(was_training)
-    nll = total_nll / count
+    return total_nll / count
+
+
+def evaluate(
+    model: torch.nn.Module,
+    blocks: Tensor,
+    batch_size: int = 4,
+    timing_repeats: int = TIMING_REPEATS,
+) -> EvalResult:
+    """Held-out perplexity of ``model`` on ``blocks`` [N, T] and its forward tokens/s on the
+    first ``batch_size`` blocks (``forward_throughput``; skipped when ``timing_repeats`` is 0)."""
+    was_training = model.training
+    model.eval()
+    try:
+        nll = held_out_nll(model, blocks, batch_size)
+        speed = (
+            forward_throughput(model, blocks[:batch_size], timing_repeats)
+            if timing_repeats > 0
+            else float("nan")
+        )
+    finally:
+        model.train(was_training)
     return EvalResult(
-        ppl=math.exp(min(nll, 700.0)), nll=nll, tokens=blocks.numel(), seconds=seconds
+        ppl=math.exp(min(nll, 700.0)),
+        nll=nll,
+        tokens=blocks.numel(),
+        tokens_per_s=speed,
+        threads=torch.get_num_threads(),
     )
 
 
-def evaluate_sharded(model: torch.nn.Module, blocks: Tensor, batch_size: int = 4) -> EvalResult:
+def evaluate_sharded(
+    model: torch.nn.Module,
+    blocks: Tensor,
+    batch_size: int = 4,
+    timing_repeats: int = TIMING_REPEATS,
+) -> EvalResult:
     """``evaluate`` split over the data-parallel ranks (``plrd.distributed``).
 
     Each rank evaluates rows rank, rank + W, ... of ``blocks``; the NLL sums, predicted-token
-    counts and tokens are summed over the ranks, and ``seconds`` is the slowest rank's, so every
-    rank returns the same perplexity and the aggregate tokens/s. One process: ``evaluate``.
+    counts and tokens are summed over the ranks, and so are the ranks' throughputs (each timed
+    on its own first batch, all at once), so every rank returns the same figures. One process:
+    ``evaluate``.
     """
     from plrd import distributed
 
     if not distributed.is_distributed():
-        return evaluate(model, blocks, batch_size)
+        return evaluate(model, blocks, batch_size, timing_repeats)
     mine = distributed.shard(blocks)
-    totals = torch.zeros(3, dtype=torch.float64)
-    seconds = torch.zeros(1, dtype=torch.float64)
+    totals = torch.zeros(4, dtype=torch.float64)
     if len(mine):
-        r = evaluate(model, mine, batch_size)
+        r = evaluate(model, mine, batch_size, timing_repeats)
         count = mine.shape[0] * (mine.shape[1] - 1)
-        totals += torch.tensor([r.nll * count, count, r.tokens], dtype=torch.float64)
-        seconds[0] = r.seconds
+        totals += torch.tensor([r.nll * count, count, r.tokens, r.tokens_per_s])
     device = model_device(model)
     totals = distributed.all_reduce(totals.to(device)).cpu()
-    seconds = distributed.all_reduce(seconds.to(device), op="max").cpu()
     nll = float(totals[0] / totals[1])
     return EvalResult(
-        ppl=math.exp(min(nll, 700.0)), nll=nll, tokens=int(totals[2]), seconds=float(seconds[0])
+        ppl=math.exp(min(nll, 700.0)),
+        nll=nll,
+        tokens=int(totals[2]),
+        tokens_per_s=float(totals[3]),
+        threads=torch.get_num_threads(),
     )

@@ -31,6 +31,7 @@ rank 0 alone writes files and prints.
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -238,9 +239,9 @@ def check_model(
         smallest = total - sum(s.weight_params for s in specs) + min_weight_params(specs)
         if min(sizes) * total < smallest:
             raise ValueError(
-                f"--sizes {min(sizes):g} is out of reach for --model {name}: even at rank 1 in "
+                f"size {min(sizes):g} is out of reach for model {name}: even at rank 1 in "
                 f"all {len(specs)} targeted layers it keeps {smallest / total:.3f} of its "
-                f"parameters; use sizes above {smallest / total:.3f}"
+                f"parameters; choose a size above {smallest / total:.3f}"
             )
 
 
@@ -269,12 +270,18 @@ def resolve_device(device: str) -> torch.device:
 
 
 def format_params(n: int) -> str:
-    return f"{n / 1e6:.1f}M"
+    """A parameter count with a unit and one decimal: 134.5M, 206.4K, 1.2B, 950."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
 
 
 def format_table(manifest: dict) -> str:
     """The family as a text table: one row for the parent, one per finished member."""
     parent = manifest["parent"]
+    threads = manifest.get("evaluation", {}).get("threads")
+    speed = f"tok/s ({threads} threads)" if threads else "tok/s"
     rows = [
         (
             "member",
@@ -283,7 +290,7 @@ def format_table(manifest: dict) -> str:
             "tokens",
             "zero-shot ppl",
             "held-out ppl",
-            "tok/s",
+            speed,
             "seconds",
         )
     ]
@@ -323,8 +330,23 @@ def format_table(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def _corpus_info(corpus: Corpus, eval_blocks: torch.Tensor, calib_blocks: torch.Tensor) -> dict:
+def throughput_note(
+    ev: EvalResult, batch_size: int, seq_len: int, device: torch.device, world: int = 1
+) -> str:
+    """What ``tokens_per_s`` means in family.json, with the thread count it was measured at."""
+    where = f"{ev.threads} CPU threads" if device.type == "cpu" else device.type
+    together = f", {world} processes together" if world > 1 else ""
+    return (
+        f"tokens_per_s: forward tokens per second on one batch of {batch_size} x {seq_len} "
+        f"held-out tokens, median of timed passes after a warm-up, on {where}{together}"
+    )
+
+
+def _corpus_info(
+    corpus: Corpus, data: Sequence[str], eval_blocks: torch.Tensor, calib_blocks: torch.Tensor
+) -> dict:
     return {
+        "data": [os.path.abspath(os.path.expanduser(p)) for p in data],
         "fingerprint": corpus.fingerprint,
         "block_size": corpus.block_size,
         "train_documents": corpus.train_docs,
@@ -511,12 +533,13 @@ def build_family(
         manifest = {
             "format": FORMAT_VERSION,
             "config": cfg.recipe() | {"sizes": list(cfg.sizes)},
-            "corpus": _corpus_info(corpus, eval_blocks, calib_blocks),
-            "throughput": (
-                f"tokens_per_s: forward tokens per second over the held-out blocks "
-                f"(batch {cfg.eval_batch_size} x {cfg.seq_len} tokens) on {device.type}"
-                + (f", {world} processes together" if world > 1 else "")
-            ),
+            "corpus": _corpus_info(corpus, cfg.data, eval_blocks, calib_blocks),
+            "throughput": throughput_note(ev, cfg.eval_batch_size, cfg.seq_len, device, world),
+            "evaluation": {
+                "eval_tokens": cfg.eval_tokens,
+                "eval_batch_size": cfg.eval_batch_size,
+                "threads": ev.threads,
+            },
             "parent": {
                 "name": cfg.model,
                 "params": parent_params,
@@ -607,7 +630,7 @@ def build_family(
                 cfg.progress and main,
             )
             distributed.on_main(write_text, stage_dir / "decompose.txt", f"{report}\n")
-            zero = evaluate_sharded(model, eval_blocks, cfg.eval_batch_size)
+            zero = evaluate_sharded(model, eval_blocks, cfg.eval_batch_size, timing_repeats=0)
             stage = {
                 "size": size,
                 "keep": keep,

@@ -160,9 +160,19 @@ def load_pretrained(
             f"{member_dir} is not a plrd member directory (no {PLRD_MANIFEST}); "
             "pass a directory written by `plrd family` or `plrd decompose`"
         )
+    if not (member_dir / "config.json").is_file():
+        raise ValueError(
+            f"{member_dir} holds a plrd checkpoint of a model that is not a Hugging Face model "
+            "(no config.json); build the model in Python and load the weights into it with "
+            f"plrd.load({str(member_dir)!r}, model)"
+        )
     config = AutoConfig.from_pretrained(member_dir)
     model = _empty_model(config)
     model = load(member_dir, model) or model
+    if (member_dir / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(member_dir)
     if device is not None:
         model.to(device)
     return model.eval()
@@ -205,8 +215,7 @@ def save_member(
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        save(model, tmp)
-        model.config.save_pretrained(tmp)
+        save(model, tmp)  # weights, plrd.json and the HF config
         tokenizer.save_pretrained(tmp)
         if extra is not None:
             (tmp / "member.json").write_text(json.dumps(extra, indent=2) + "\n")

@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from plrd.atomic import atomic_path
 
 
-def plot_family(manifest: dict, path: str | os.PathLike) -> Path:
-    """Draw the family in ``manifest`` (family.json) to ``path`` (PNG), atomically.
+def draw_family(manifest: dict) -> Any:
+    """The family in ``manifest`` (family.json) as a matplotlib Figure.
 
-    x: parameters (millions); y: held-out perplexity (log scale). One line for the members right
-    after decomposition (zero-shot), one after training, the parent as a star.
+    x: parameters; y: held-out perplexity (log scale). One line for the members right after
+    decomposition (zero-shot), one after training, the parent as a star; each point labelled.
+    The legend sits below the axes, where it cannot cover a point or a label.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    from plrd.family import format_params
 
     parent = manifest["parent"]
     members = manifest["members"]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
     if members:
-        x = [m["params"] / 1e6 for m in members]
+        x = [m["params"] for m in members]
         ax.plot(
             x,
             [m["zero_shot_ppl"] for m in members],
@@ -44,7 +49,7 @@ def plot_family(manifest: dict, path: str | os.PathLike) -> Path:
                 color="tab:blue",
             )
     ax.plot(
-        [parent["params"] / 1e6],
+        [parent["params"]],
         [parent["held_out_ppl"]],
         "*",
         color="black",
@@ -53,19 +58,18 @@ def plot_family(manifest: dict, path: str | os.PathLike) -> Path:
     )
     ax.annotate(
         f"{parent['held_out_ppl']:.1f}",
-        (parent["params"] / 1e6, parent["held_out_ppl"]),
+        (parent["params"], parent["held_out_ppl"]),
         textcoords="offset points",
         xytext=(-10, 8),
         fontsize=8,
     )
-    ax.margins(x=0.08, y=0.12)
+    ax.margins(x=0.1, y=0.15)
     ax.set_yscale("log")
-    from matplotlib.ticker import FuncFormatter
-
     plain = FuncFormatter(lambda v, _pos: f"{v:g}")
     ax.yaxis.set_major_formatter(plain)
     ax.yaxis.set_minor_formatter(plain)
-    ax.set_xlabel("parameters (millions)")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: format_params(int(round(v)))))
+    ax.set_xlabel("parameters")
     ax.set_ylabel("held-out perplexity")
     tokens = manifest.get("config", {}).get("tokens_per_stage")
     title = "plrd family"
@@ -73,8 +77,16 @@ def plot_family(manifest: dict, path: str | os.PathLike) -> Path:
         title += f" ({tokens:,} training tokens per stage)"
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")  # small and good: usually empty
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     fig.tight_layout()
+    return fig
+
+
+def plot_family(manifest: dict, path: str | os.PathLike) -> Path:
+    """Draw the family in ``manifest`` (see ``draw_family``) to ``path`` (PNG), atomically."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_family(manifest)
     target = Path(path)
     with atomic_path(target) as tmp:
         fig.savefig(tmp, format="png")

@@ -12,6 +12,13 @@ from plrd.checkpoint import MANIFEST_NAME, WEIGHTS_NAME, verify_checkpoint
 from plrd.integrity import read_safetensors_header, sha256_file
 from tests.tiny_models import tiny_llama, token_batches
 
+HF_CONFIG_FILES = {"config.json", "generation_config.json"}
+
+
+def _written(directory) -> list[str]:
+    """Files in a checkpoint directory besides the Hugging Face config plrd.save adds."""
+    return sorted(p.name for p in directory.iterdir() if p.name not in HF_CONFIG_FILES)
+
 
 def _decomposed(keep=0.6):
     model = tiny_llama()
@@ -216,14 +223,14 @@ def test_interrupted_save_never_leaves_a_manifest_for_other_weights(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         plrd.save(_decomposed(0.8), tmp_path)
     monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [WEIGHTS_NAME, MANIFEST_NAME]
+    assert _written(tmp_path) == [WEIGHTS_NAME, MANIFEST_NAME]
     assert torch.equal(_logits(plrd.load(tmp_path, tiny_llama())), _logits(old))
 
     # killed after the new weights are in place, before the manifest: refused as incomplete
     monkeypatch.setattr(checkpoint, "write_json", killed)
     with pytest.raises(KeyboardInterrupt):
         plrd.save(_decomposed(0.8), tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [WEIGHTS_NAME]
+    assert _written(tmp_path) == [WEIGHTS_NAME]
     with pytest.raises(ValueError, match=rf"{MANIFEST_NAME} not found beside .*interrupted"):
         plrd.load(tmp_path, tiny_llama())
 

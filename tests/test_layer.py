@@ -54,7 +54,7 @@ def test_whitened_from_linear_beats_plain_on_calibration_outputs():
     torch.manual_seed(0)
     linear = nn.Linear(64, 64)
     x = torch.randn(2000, 64) @ torch.diag(torch.logspace(0, -2, 64))
-    gram = (x.double().T @ x.double())
+    gram = x.double().T @ x.double()
     plain = LowRankLinear.from_linear(linear, 8)
     white = LowRankLinear.from_linear(linear, 8, gram=gram)
     with torch.no_grad():

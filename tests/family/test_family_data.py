@@ -85,8 +85,8 @@ def test_split_is_by_document_deterministic_and_order_free(tiny_model_dir, corpu
     b = build_corpus(list(reversed(docs)), tok, 32, held_out_fraction=0.2)
     assert torch.equal(a.train, b.train) and torch.equal(a.held_out, b.held_out)
     assert a.fingerprint == b.fingerprint
-    assert a.train_docs + a.held_out_docs == len(docs)
-    assert 0.15 < a.held_out_tokens / (a.train_tokens + a.held_out_tokens) < 0.45
+    assert a.train_docs + a.held_out_docs == len(docs) + a.split_documents
+    assert abs(a.held_out_tokens / (a.train_tokens + a.held_out_tokens) - 0.2) < 0.01
     # no held-out block appears in the training blocks
     train_rows = {tuple(r) for r in a.train.tolist()}
     assert not any(tuple(r) in train_rows for r in a.held_out.tolist())
@@ -127,3 +127,20 @@ def test_block_stream_resumes_exactly():
     assert all(torch.equal(x, y) for x, y in zip(rest, again, strict=True))
     epoch0 = torch.cat(first)[:7, 0].tolist()
     assert sorted(epoch0) == list(range(0, 70, 10))  # each block once per epoch
+
+
+def test_held_out_fraction_holds_with_few_long_documents(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    docs = [" ".join(f"word{i}x{j}" for j in range(900)) for i in range(3)]
+    corpus = build_corpus(docs, tok, 32, held_out_fraction=0.1)
+    share = corpus.held_out_tokens / (corpus.train_tokens + corpus.held_out_tokens)
+    assert abs(share - 0.1) < 0.005, share
+    assert corpus.split_documents == 1
+    assert "cut between the two" in corpus.summary()
+    # the held-out text never reappears in the training stream
+    train = corpus.train.flatten().tolist()
+    runs = {tuple(train[i : i + 12]) for i in range(len(train) - 11)}
+    held = corpus.held_out.flatten().tolist()
+    assert not any(tuple(held[i : i + 12]) in runs for i in range(0, len(held) - 11))

@@ -94,6 +94,16 @@ def test_decompose_checks_its_output_too(capsys, tmp_path, tiny_model_dir, corpu
     _one_line_error(capsys, argv + [str(tiny_model_dir), "--data", str(corpus_dir)], "--out")
 
 
+def test_binary_file_named_txt_is_refused(capsys, tmp_path, base):
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(bytes(range(256)) * 64)
+    _one_line_error(capsys, base(data=binary), "weights.txt", "not UTF-8")
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"plain words\x00\x00\x00 and more words\n" * 200)
+    _one_line_error(capsys, base(data=nul), "nul.txt", "not text")
+    assert not (tmp_path / "fam").exists()
+
+
 def test_unreadable_and_undecodable_data(capsys, tmp_path, base, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "caf\xe9"}\n')
@@ -131,7 +141,7 @@ def test_model_with_non_finite_weights(capsys, tmp_path, base, tiny_model_dir):
 
 
 def test_sizes_out_of_reach_and_bad_fault_limit(capsys, tmp_path, base):
-    _one_line_error(capsys, base() + ["--sizes", "0.9,0.02"], "--sizes 0.02", "out of reach")
+    _one_line_error(capsys, base() + ["--sizes", "0.9,0.02"], "size 0.02", "out of reach")
     _one_line_error(capsys, base() + ["--max-bad-steps", "-1"], "--max-bad-steps", ">= 0")
     assert not (tmp_path / "fam").exists()
 

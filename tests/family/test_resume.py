@@ -160,7 +160,8 @@ def test_training_state_is_safetensors_and_json_only(cli_inputs, tmp_path):
         mp.undo()
     ckpt = checkpoint_dir(out / "stages" / "size-0.90")
     names = sorted(p.name for p in ckpt.iterdir())
-    assert names == sorted(["model.safetensors", "plrd.json", STATE, STATE_TENSORS])
+    assert set(names) >= {"model.safetensors", "plrd.json", STATE, STATE_TENSORS}
+    assert all(n.endswith((".json", ".safetensors")) for n in names), names
     state = read_state(ckpt)
     assert state["step"] == 1 and isinstance(state["rng"]["python"], tuple)
     data_bytes = bytearray((ckpt / STATE_TENSORS).read_bytes())

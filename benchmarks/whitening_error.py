@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 import plrd
-from plrd.data import build_corpus, load_documents
-from plrd.factorize import svd_factors, whitened_svd_factors
-from plrd.models import load_model
-from plrd.targets import find_targets
+from plrd.core.factorize import svd_factors, whitened_svd_factors
+from plrd.core.targets import find_targets
+from plrd.family.data import build_corpus, load_documents
+from plrd.io.models import load_model
 
 
 def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:

@@ -12,15 +12,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "LowRankLinear": "plrd.layer",
-    "decompose": "plrd.surgery",
-    "DecompositionReport": "plrd.surgery",
-    "count_parameters": "plrd.counting",
-    "collect_grams": "plrd.calibrate",
-    "save": "plrd.checkpoint",
-    "load": "plrd.checkpoint",
-    "weights_checksum": "plrd.checkpoint",
-    "load_pretrained": "plrd.models",
+    "LowRankLinear": "plrd.core.layer",
+    "decompose": "plrd.core.surgery",
+    "DecompositionReport": "plrd.core.surgery",
+    "count_parameters": "plrd.core.counting",
+    "collect_grams": "plrd.core.calibrate",
+    "save": "plrd.io.checkpoint",
+    "load": "plrd.io.checkpoint",
+    "weights_checksum": "plrd.io.checkpoint",
+    "load_pretrained": "plrd.io.models",
 }
 
 __all__ = sorted(_EXPORTS)

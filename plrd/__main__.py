@@ -2,6 +2,6 @@
 
 import sys
 
-from plrd.cli import main
+from plrd.cli.entry import main
 
 sys.exit(main())

@@ -91,7 +91,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 def tiny_family_config(model_dir: Path, data_dir: Path, **overrides):
     """A FamilyConfig sized for the tiny model: seconds, not minutes."""
-    from plrd.family import FamilyConfig
+    from plrd.family.schedule import FamilyConfig
 
     values = dict(
         model=str(model_dir),

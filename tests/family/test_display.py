@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from plrd.cli import build_parser, main
-from plrd.evaluate import evaluate
-from plrd.family import format_params
+from plrd.cli.entry import build_parser, main
+from plrd.family.evaluate import evaluate
+from plrd.family.schedule import format_params
 
 
 def _manifest() -> dict:
@@ -27,7 +27,7 @@ def _manifest() -> dict:
 
 def test_legend_covers_no_point_and_no_label():
     pytest.importorskip("matplotlib")
-    from plrd.plot import draw_family
+    from plrd.family.plot import draw_family
 
     fig = draw_family(_manifest())
     fig.canvas.draw()

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from plrd import distributed
-from plrd.cli import main
+from plrd.cli.entry import main
+from plrd.family import distributed
 from tests.family.conftest import SEQ
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,15 +61,15 @@ def single(cli_inputs, tmp_path_factory):
 # Each rank SIGKILLs itself in the middle of the 4th optimizer step of the first stage.
 KILLED_MAIN = """
 import os, signal, sys
-import plrd.data
-_next, calls = plrd.data.BlockStream.next_batch, []
+import plrd.family.data
+_next, calls = plrd.family.data.BlockStream.next_batch, []
 def next_batch(self):
     calls.append(1)
     if len(calls) == 4:
         os.kill(os.getpid(), signal.SIGKILL)
     return _next(self)
-plrd.data.BlockStream.next_batch = next_batch
-from plrd.cli import main
+plrd.family.data.BlockStream.next_batch = next_batch
+from plrd.cli.entry import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from plrd.cli import main
+from plrd.cli.entry import main
 
 SMALL = ["--seq-len", "32", "--eval-tokens", "128", "--device", "cpu", "--no-progress"]
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from plrd.checkpoint import weights_checksum
-from plrd.cli import EXIT_USAGE, main
-from plrd.family import build_family, verify_member
-from plrd.train import STATE_TENSORS, checkpoint_dir
+from plrd.cli.entry import EXIT_USAGE, main
+from plrd.family.schedule import build_family, verify_member
+from plrd.family.train import STATE_TENSORS, checkpoint_dir
+from plrd.io.checkpoint import weights_checksum
 
 
 class Stop(Exception):

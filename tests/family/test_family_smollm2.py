@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smollm2():
     pytest.importorskip("gguf")
-    from plrd.models import find_smollm2_gguf, load_model
+    from plrd.io.models import find_smollm2_gguf, load_model
 
     try:
         find_smollm2_gguf()
@@ -36,7 +36,7 @@ def test_default_parent_loads_as_fp32_with_tied_embeddings(smollm2):
 
 def test_short_family_on_the_default_parent(smollm2, tmp_path):
     from plrd import load_pretrained
-    from plrd.family import FamilyConfig, build_family
+    from plrd.family.schedule import FamilyConfig, build_family
 
     cfg = FamilyConfig(
         sizes=(0.9,),

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from plrd.train import (
+from plrd.family.train import (
     TrainConfig,
     checkpoint_dir,
     has_checkpoint,
@@ -104,8 +104,8 @@ def test_embeddings_are_frozen_unless_asked(tiny_model_dir, tmp_path):
 
 
 def test_interrupted_stage_resumes_to_identical_weights(tiny_model_dir, tmp_path):
-    from plrd.checkpoint import load
-    from plrd.models import _empty_model
+    from plrd.io.checkpoint import load
+    from plrd.io.models import _empty_model
 
     blocks = _blocks(tiny_model_dir)
     teacher = _tiny(tiny_model_dir)

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-import plrd.train as train_mod
-from plrd.train import (
+import plrd.family.train as train_mod
+from plrd.family.train import (
     TrainConfig,
     TrainingDiverged,
     checkpoint_dir,
@@ -85,7 +85,7 @@ def test_too_many_bad_steps_stop_and_keep_the_last_good_checkpoint(monkeypatch, 
     assert len(message.splitlines()) == 1
     state = train_mod.read_state(checkpoint_dir(tmp_path))
     assert state["step"] == 4 and state["bad_in_row"] == 2
-    from plrd.checkpoint import load
+    from plrd.io.checkpoint import load
 
     kept = load(checkpoint_dir(tmp_path), tiny_llama())
     for name, p in kept.named_parameters():
@@ -119,7 +119,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
 def test_cli_stops_with_one_line_and_resumes(monkeypatch, capsys, tmp_path):
     """``plrd family`` on poisoned losses: exit 1, one line naming the flag and the checkpoint;
     the same command without the poison resumes from that checkpoint and finishes."""
-    from plrd.cli import EXIT_FAILURE, main
+    from plrd.cli.entry import EXIT_FAILURE, main
     from tests.family.conftest import SEQ, build_model_dir, fixture_documents
 
     docs = fixture_documents()

@@ -6,7 +6,7 @@ import os
 import stat
 
 import plrd
-from plrd.family import build_family
+from plrd.family.schedule import build_family
 from tests.tiny_models import tiny_llama
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from plrd.cli import main
-from plrd.train import STATE, STATE_TENSORS, checkpoint_dir, read_state
+from plrd.cli.entry import main
+from plrd.family.train import STATE, STATE_TENSORS, checkpoint_dir, read_state
 from tests.family.conftest import SEQ
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,13 +25,13 @@ STEPS = 8  # per stage
 # The killed runs are slowed down (a pause per batch) so that the kill lands mid-stage.
 SLOW_MAIN = """
 import sys, time
-import plrd.data
-_next = plrd.data.BlockStream.next_batch
+import plrd.family.data
+_next = plrd.family.data.BlockStream.next_batch
 def slow(self):
     time.sleep(0.05)
     return _next(self)
-plrd.data.BlockStream.next_batch = slow
-from plrd.cli import main
+plrd.family.data.BlockStream.next_batch = slow
+from plrd.cli.entry import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -140,7 +140,7 @@ def test_training_state_is_safetensors_and_json_only(cli_inputs, tmp_path):
     class Stop(Exception):
         pass
 
-    import plrd.train as train_mod
+    import plrd.family.train as train_mod
 
     original = train_mod.save_checkpoint
     saved = []

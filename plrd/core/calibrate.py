@@ -2,7 +2,7 @@
 
 For a layer y = x Wᵀ + b seeing inputs x [..., in], G accumulates over every token (leading dims
 flattened): G = Σ_t x_t x_tᵀ, float64, [in, in]. Then the output error of a replacement W' on
-those inputs is Σ_t ‖(W − W') x_t‖² = ‖(W − W') L‖_F² with G = L Lᵀ (see ``plrd.factorize``).
+those inputs is Σ_t ‖(W − W') x_t‖² = ‖(W − W') L‖_F² with G = L Lᵀ (see ``plrd.core.factorize``).
 Every layer sees every token once, so Grams of different layers share one scale and their
 spectra are comparable (global allocation relies on this).
 
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from plrd.targets import Patterns, find_targets, layer_shape
+from plrd.core.targets import Patterns, find_targets, layer_shape
 
 
 class Grams(dict):

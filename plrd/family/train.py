@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from plrd import distributed
-from plrd.atomic import atomic_dir, remove_stale_temporaries, write_text
-from plrd.data import BlockStream
-from plrd.evaluate import autocast_for, model_device, next_token_nll
+from plrd.family import distributed
+from plrd.family.data import BlockStream
+from plrd.family.evaluate import autocast_for, model_device, next_token_nll
+from plrd.io.atomic import atomic_dir, remove_stale_temporaries, write_text
 
 OBJECTIVES = ("lm", "kd", "lm+kd")
 PARALLEL = ("ddp", "fsdp")
@@ -251,7 +251,7 @@ def write_state(directory: Path, state: dict) -> None:
     """``state`` (nested dicts/lists of tensors and plain values) as safetensors + JSON."""
     from safetensors.torch import save_file
 
-    from plrd.integrity import file_record
+    from plrd.io.integrity import file_record
 
     tensors: dict[str, Tensor] = {}
     tree = _split_tensors(state, tensors)
@@ -267,7 +267,7 @@ def read_state(directory: Path, load: bool = True) -> dict:
     """
     from safetensors.torch import load_file
 
-    from plrd.integrity import check_record, read_safetensors_header
+    from plrd.io.integrity import check_record, read_safetensors_header
 
     path = directory / STATE
     try:
@@ -295,7 +295,7 @@ def verify_state(directory: Path) -> None:
 
 def save_checkpoint(work_dir: Path, model: torch.nn.Module, state: dict) -> None:
     """Write model (``plrd.save``) + training state into ``work_dir/checkpoint`` atomically."""
-    from plrd.checkpoint import save
+    from plrd.io.checkpoint import save
 
     with atomic_dir(checkpoint_dir(work_dir)) as tmp:
         save(model, tmp)
@@ -356,7 +356,7 @@ def train_stage(
     (``plrd.load(checkpoint_dir(work_dir), model)``). ``on_step(step)`` runs after each
     optimizer step and checkpoint.
 
-    Data parallel (``plrd.distributed``, under torchrun): the model is wrapped in
+    Data parallel (``plrd.family.distributed``, under torchrun): the model is wrapped in
     ``DistributedDataParallel`` for this stage; every rank draws the same global batch of
     W × ``batch_size`` blocks and trains on its own slice of it, so a step consumes W times the
     tokens and the budget gives W times fewer steps; only rank 0 writes the log and checkpoints

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from plrd.factorize import (
+from plrd.core.factorize import (
     break_even_rank,
     cholesky_factor,
     lowrank_singular_values,

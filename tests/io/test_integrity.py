@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import plrd
-from plrd import checkpoint
-from plrd.checkpoint import MANIFEST_NAME, WEIGHTS_NAME, verify_checkpoint
-from plrd.integrity import read_safetensors_header, sha256_file
+from plrd.io import checkpoint
+from plrd.io.checkpoint import MANIFEST_NAME, WEIGHTS_NAME, verify_checkpoint
+from plrd.io.integrity import read_safetensors_header, sha256_file
 from tests.tiny_models import tiny_llama, token_batches
 
 HF_CONFIG_FILES = {"config.json", "generation_config.json"}

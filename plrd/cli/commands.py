@@ -8,9 +8,8 @@ from pathlib import Path
 
 import torch
 
-from plrd.atomic import read_json
-from plrd.counting import count_parameters
-from plrd.family import (
+from plrd.core.counting import count_parameters
+from plrd.family.schedule import (
     MANIFEST,
     FamilyConfig,
     check_model,
@@ -20,10 +19,11 @@ from plrd.family import (
     verify_family,
     verify_member,
 )
+from plrd.io.atomic import read_json
 
 
 def _corpus(args: argparse.Namespace, tokenizer):
-    from plrd.data import build_corpus, load_documents
+    from plrd.family.data import build_corpus, load_documents
 
     docs = load_documents(args.data)
     return build_corpus(docs, tokenizer, args.seq_len, args.held_out_fraction)
@@ -31,9 +31,9 @@ def _corpus(args: argparse.Namespace, tokenizer):
 
 def run_decompose(args: argparse.Namespace) -> dict:
     """Decompose ``--model`` to ``--size`` × its parameters; save a member to ``--out``."""
-    from plrd.evaluate import evaluate
-    from plrd.family import grams_and_decompose
-    from plrd.models import load_model, load_tokenizer, save_member
+    from plrd.family.evaluate import evaluate
+    from plrd.family.schedule import grams_and_decompose
+    from plrd.io.models import load_model, load_tokenizer, save_member
 
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model)
@@ -120,8 +120,8 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
     corpus fingerprint), so the figures match the family's; ``--data`` and the other corpus
     flags override that.
     """
-    from plrd.evaluate import evaluate
-    from plrd.models import load_model, load_tokenizer
+    from plrd.family.evaluate import evaluate
+    from plrd.io.models import load_model, load_tokenizer
 
     device = resolve_device(args.device)
     root = Path(args.dir)
@@ -196,7 +196,7 @@ def run_info(directory: str) -> str:
         print(f"\n{n} member{'s' if n != 1 else ''}: weights verified (SHA-256)")
         return text
     if (root / "plrd.json").is_file():
-        from plrd.checkpoint import verify_checkpoint
+        from plrd.io.checkpoint import verify_checkpoint
 
         info = verify_checkpoint(root)
         layers = info["layers"]

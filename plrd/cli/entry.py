@@ -11,15 +11,15 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from plrd import distributed
-from plrd.family import (
+from plrd.family import distributed
+from plrd.family.schedule import (
     ALLOCATIONS,
     DEFAULT_SIZES,
     DEFAULT_TOKENS_PER_STAGE,
     METHODS,
     FamilyConfig,
 )
-from plrd.train import OBJECTIVES, PARALLEL, TrainingDiverged
+from plrd.family.train import OBJECTIVES, PARALLEL, TrainingDiverged
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -44,7 +44,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 def parse_sizes(text: str) -> tuple[float, ...]:
     """``"0.9,0.8,0.7"`` → (0.9, 0.8, 0.7); checked to be in (0, 1) and strictly decreasing."""
-    from plrd.family import check_sizes
+    from plrd.family.schedule import check_sizes
 
     try:
         sizes = tuple(float(p) for p in text.replace(" ", "").split(",") if p)
@@ -342,10 +342,10 @@ def _family_config(args: argparse.Namespace) -> FamilyConfig:
 
 def _precheck(args: argparse.Namespace) -> None:
     """Checks that need no model: data paths, model name, device, output location."""
-    from plrd.atomic import check_writable_dir
-    from plrd.data import load_documents
-    from plrd.family import resolve_device
-    from plrd.models import ALIASES, find_smollm2_gguf, resolve_model
+    from plrd.family.data import load_documents
+    from plrd.family.schedule import resolve_device
+    from plrd.io.atomic import check_writable_dir
+    from plrd.io.models import ALIASES, find_smollm2_gguf, resolve_model
 
     if getattr(args, "data", None):
         load_documents(args.data)
@@ -387,14 +387,14 @@ def _quiet_transformers() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from plrd import commands
+    from plrd.cli import commands
 
     if args.command == "family":
         cfg = _family_config(args)
         cfg.validate()
         _precheck(args)
         _quiet_transformers()
-        from plrd.family import build_family, format_table
+        from plrd.family.schedule import build_family, format_table
 
         manifest = build_family(cfg)
         if distributed.is_main():

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from torch import nn
 
 import plrd
-from plrd.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
+from plrd.io.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
 from tests.tiny_models import TINY_MODELS, tiny_gpt2, tiny_llama, token_batches
 
 HF_CONFIG_FILES = {"config.json", "generation_config.json"}

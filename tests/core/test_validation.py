@@ -10,7 +10,7 @@ from torch import nn
 
 import plrd
 from plrd import LowRankLinear
-from plrd.factorize import cholesky_factor
+from plrd.core.factorize import cholesky_factor
 from tests.tiny_models import tiny_gpt2, tiny_llama, token_batches
 
 

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import plrd
-from plrd.counting import dense_params, lowrank_params
+from plrd.core.counting import dense_params, lowrank_params
 from tests.tiny_models import HIDDEN, VOCAB, tiny_gpt2, tiny_llama
 
 

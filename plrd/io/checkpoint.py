@@ -34,17 +34,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from plrd.atomic import atomic_path, write_json
-from plrd.counting import count_parameters
-from plrd.integrity import (
+from plrd.core.counting import count_parameters
+from plrd.core.layer import LowRankLinear
+from plrd.core.targets import is_linear_like, is_lowrank, layer_shape, set_submodule
+from plrd.io.atomic import atomic_path, write_json
+from plrd.io.integrity import (
     check_record,
     file_record,
     is_sha256,
     read_safetensors_header,
     sha256_file,
 )
-from plrd.layer import LowRankLinear
-from plrd.targets import is_linear_like, is_lowrank, layer_shape, set_submodule
 
 FORMAT = "plrd"
 FORMAT_VERSION = 2
@@ -223,7 +223,7 @@ def _check_layer_entries(path: Path, layers: Any) -> None:
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """Read and validate the structure of ``plrd.json`` (ValueError naming the file)."""
-    directory = _as_dir(directory, "plrd.checkpoint.read_manifest")
+    directory = _as_dir(directory, "plrd.io.checkpoint.read_manifest")
     path = directory / MANIFEST_NAME
     if not path.is_file():
         raise _manifest_missing(directory, path)
@@ -263,7 +263,7 @@ def verify_checkpoint(directory: str | os.PathLike, sha256: str | None = None) -
     SHA-256 match the manifest's record (format 2). ``sha256``, when given (e.g. from
     ``family.json``), must match too. Raises ValueError naming the file otherwise.
     """
-    directory = _as_dir(directory, "plrd.checkpoint.verify_checkpoint")
+    directory = _as_dir(directory, "plrd.io.checkpoint.verify_checkpoint")
     info = read_manifest(directory)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import plrd
-from plrd.targets import as_linear, find_targets, head_names
+from plrd.core.targets import as_linear, find_targets, head_names
 from tests.tiny_models import TINY_MODELS, tiny_bert, tiny_gpt2, tiny_llama, token_batches
 
 KEEP = 0.55
@@ -224,7 +224,7 @@ def test_unknown_method_allocation_and_pattern():
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_decompose_equals_from_linear_and_factors_each_gram_once(allocation, monkeypatch):
-    import plrd.surgery as surgery
+    import plrd.core.surgery as surgery
 
     dense = tiny_llama()
     grams = plrd.collect_grams(dense, token_batches(), progress=False)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from plrd.atomic import atomic_path
+from plrd.io.atomic import atomic_path
 
 
 def draw_family(manifest: dict) -> Any:
@@ -22,7 +22,7 @@ def draw_family(manifest: dict) -> Any:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    from plrd.family import format_params
+    from plrd.family.schedule import format_params
 
     parent = manifest["parent"]
     members = manifest["members"]

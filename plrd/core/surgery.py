@@ -2,7 +2,7 @@
 
 Budget: the model keeps ``keep × count_parameters(model)`` parameters. Only the weights of the
 targeted layers move; everything else (embeddings, norms, biases, untargeted layers) is fixed, so
-the targeted weights get ``keep·N − fixed``. Ranks come from ``plrd.ranks`` (uniform or global
+the targeted weights get ``keep·N − fixed``. Ranks come from ``plrd.core.ranks`` (uniform or global
 allocation); a dense layer (``nn.Linear`` or HF ``Conv1D``) is factored with
 ``LowRankLinear.from_linear``, an already-factored one is truncated with
 ``LowRankLinear.truncate`` (QR core, no dense SVD). A layer whose rank would reach its
@@ -26,8 +26,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from plrd.counting import count_parameters
-from plrd.factorize import (
+from plrd.core.counting import count_parameters
+from plrd.core.factorize import (
     Whitening,
     check_finite,
     check_gram,
@@ -36,10 +36,10 @@ from plrd.factorize import (
     lowrank_spectral_factors,
     spectral_factors,
 )
-from plrd.layer import LowRankLinear
-from plrd.ranks import LayerSpec, global_ranks, min_weight_params, uniform_ranks
-from plrd.report import DecompositionReport, LayerChange
-from plrd.targets import (
+from plrd.core.layer import LowRankLinear
+from plrd.core.ranks import LayerSpec, global_ranks, min_weight_params, uniform_ranks
+from plrd.core.report import DecompositionReport, LayerChange
+from plrd.core.targets import (
     Patterns,
     dense_weight,
     find_targets,
@@ -170,7 +170,7 @@ def decompose(
         model: any ``nn.Module``; dense (``nn.Linear``, HF ``Conv1D``) and already-factored
             (``LowRankLinear``) layers are both handled, so this can be applied repeatedly.
         keep: fraction in (0, 1] of ``plrd.count_parameters(model)`` to keep.
-        targets, exclude: layer-name patterns (see ``plrd.targets``); default: every linear
+        targets, exclude: layer-name patterns (see ``plrd.core.targets``); default: every linear
             layer except output heads and layers tied to embeddings.
         grams: ``plrd.collect_grams(model, ...)`` output; required by ``method="whiten"``.
         allocation: ``"uniform"`` (same kept fraction per layer) or ``"global"`` (drop the

@@ -132,14 +132,14 @@ def evaluate_sharded(
     batch_size: int = 4,
     timing_repeats: int = TIMING_REPEATS,
 ) -> EvalResult:
-    """``evaluate`` split over the data-parallel ranks (``plrd.distributed``).
+    """``evaluate`` split over the data-parallel ranks (``plrd.family.distributed``).
 
     Each rank evaluates rows rank, rank + W, ... of ``blocks``; the NLL sums, predicted-token
     counts and tokens are summed over the ranks, and so are the ranks' throughputs (each timed
     on its own first batch, all at once), so every rank returns the same figures. One process:
     ``evaluate``.
     """
-    from plrd import distributed
+    from plrd.family import distributed
 
     if not distributed.is_distributed():
         return evaluate(model, blocks, batch_size, timing_repeats)

@@ -14,9 +14,9 @@ from torch import nn
 
 import plrd
 from plrd import LowRankLinear
-from plrd.factorize import break_even_rank
-from plrd.ranks import LayerSpec
-from plrd.targets import find_targets, layer_shape
+from plrd.core.factorize import break_even_rank
+from plrd.core.ranks import LayerSpec
+from plrd.core.targets import find_targets, layer_shape
 from tests.tiny_models import tiny_llama, token_batches
 
 hypothesis = pytest.importorskip("hypothesis")

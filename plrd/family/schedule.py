@@ -23,7 +23,7 @@ continues an interrupted stage from its last checkpoint, or restarts the stage i
 checkpoint is damaged.
 
 Under ``torchrun --nproc_per_node N -m plrd family`` the same code runs data-parallel
-(``plrd.distributed``): sharded calibration with summed Grams, DDP (or FSDP2 with
+(``plrd.family.distributed``): sharded calibration with summed Grams, DDP (or FSDP2 with
 ``parallel="fsdp"``) training on a global batch of N × ``batch_size`` blocks, sharded evaluation;
 rank 0 alone writes files and prints.
 """
@@ -41,17 +41,10 @@ from typing import Any
 
 import torch
 
-from plrd import distributed
-from plrd.atomic import (
-    check_writable_dir,
-    read_json,
-    remove_stale_temporaries,
-    write_json,
-    write_text,
-)
-from plrd.data import Corpus, build_corpus, load_documents
-from plrd.evaluate import EvalResult, evaluate_sharded
-from plrd.train import (
+from plrd.family import distributed
+from plrd.family.data import Corpus, build_corpus, load_documents
+from plrd.family.evaluate import EvalResult, evaluate_sharded
+from plrd.family.train import (
     OBJECTIVES,
     PARALLEL,
     TrainConfig,
@@ -59,6 +52,13 @@ from plrd.train import (
     has_checkpoint,
     train_stage,
     verify_state,
+)
+from plrd.io.atomic import (
+    check_writable_dir,
+    read_json,
+    remove_stale_temporaries,
+    write_json,
+    write_text,
 )
 
 MANIFEST = "family.json"
@@ -202,9 +202,9 @@ def check_model(
     with NaN/inf weights, too small to reach the smallest of ``sizes`` (fractions of its
     parameters) even at rank 1 in every targeted layer, or whose context is shorter than
     ``seq_len``. Raises ValueError naming the model."""
-    from plrd.counting import count_parameters
-    from plrd.ranks import LayerSpec, min_weight_params
-    from plrd.targets import find_targets, is_lowrank, layer_shape, linear_layers
+    from plrd.core.counting import count_parameters
+    from plrd.core.ranks import LayerSpec, min_weight_params
+    from plrd.core.targets import find_targets, is_lowrank, layer_shape, linear_layers
 
     try:
         layers = find_targets(model)
@@ -381,10 +381,10 @@ def verify_member(member_dir: Path, entry: dict | None = None) -> tuple[str | No
     """``(sha256, None)`` when the member in ``member_dir`` checks out, else ``(None, why)``.
 
     Checks ``plrd.json``, the structure, size and SHA-256 of ``model.safetensors`` against it
-    (``plrd.checkpoint.verify_checkpoint``), and the SHA-256 that ``family.json`` recorded for
+    (``plrd.io.checkpoint.verify_checkpoint``), and the SHA-256 that ``family.json`` recorded for
     the member (``entry["sha256"]``, when present) too.
     """
-    from plrd.checkpoint import verify_checkpoint, weights_checksum
+    from plrd.io.checkpoint import verify_checkpoint, weights_checksum
 
     try:
         info = verify_checkpoint(member_dir, sha256=(entry or {}).get("sha256"))
@@ -425,7 +425,7 @@ def _silent(msg: str) -> None:
 
 def _resumable(stage_dir: Path) -> str | None:
     """None: no interrupted stage here; "ok": its checkpoint verifies; else what is wrong."""
-    from plrd.checkpoint import verify_checkpoint
+    from plrd.io.checkpoint import verify_checkpoint
 
     if not (has_checkpoint(stage_dir) and (stage_dir / "stage.json").is_file()):
         return None
@@ -453,8 +453,8 @@ def grams_and_decompose(
     the ranks (all ranks use all blocks when there are fewer blocks than ranks), so every rank
     decomposes identically; the resulting ranks are checked to agree.
     """
-    from plrd.calibrate import collect_grams
-    from plrd.surgery import decompose
+    from plrd.core.calibrate import collect_grams
+    from plrd.core.surgery import decompose
 
     grams = None
     if method == "whiten":
@@ -473,7 +473,7 @@ def grams_and_decompose(
 
 def _plot(manifest: dict, out: Path) -> None:
     try:
-        from plrd.plot import plot_family
+        from plrd.family.plot import plot_family
 
         plot_family(manifest, out / PLOT)
     except ImportError as err:  # matplotlib missing: the family itself is complete
@@ -486,8 +486,8 @@ def build_family(
     say: Callable[[str], None] = _say,
 ) -> dict:
     """Build (or resume) the family described by ``cfg``; return the manifest (family.json)."""
-    from plrd.counting import count_parameters
-    from plrd.models import (
+    from plrd.core.counting import count_parameters
+    from plrd.io.models import (
         _empty_model,
         load_model,
         load_pretrained,
@@ -593,7 +593,7 @@ def build_family(
                 "stage again"
             )
         if resume == "ok":
-            from plrd.checkpoint import load
+            from plrd.io.checkpoint import load
 
             stage = read_json(stage_file)
             model = load(checkpoint_dir(stage_dir), _empty_model(parent.config)).to(device)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from plrd.factorize import break_even_rank
+from plrd.core.factorize import break_even_rank
 
 
 @dataclass(frozen=True)

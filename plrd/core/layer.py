@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from plrd.factorize import (
+from plrd.core.factorize import (
     check_features,
     check_rank,
     init_factors_,
@@ -101,7 +101,7 @@ class LowRankLinear(nn.Module):
         error messages. Raises ValueError (before any work) for a rank outside 1..min(in, out),
         non-finite or non-floating weights, or a Gram of the wrong shape or with NaN/inf.
         """
-        from plrd.targets import as_linear, is_conv1d
+        from plrd.core.targets import as_linear, is_conv1d
 
         if isinstance(linear, LowRankLinear):
             raise ValueError(

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from plrd.ranks import LayerSpec, global_ranks, min_weight_params, uniform_ranks
+from plrd.core.ranks import LayerSpec, global_ranks, min_weight_params, uniform_ranks
 
 
 def _specs():

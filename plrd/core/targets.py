@@ -45,7 +45,7 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def is_lowrank(module: nn.Module) -> bool:
     """True for ``plrd.LowRankLinear``."""
-    from plrd.layer import LowRankLinear
+    from plrd.core.layer import LowRankLinear
 
     return isinstance(module, LowRankLinear)
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from plrd.errors import TrainingDiverged
 from plrd.family import distributed
 from plrd.family.data import BlockStream
 from plrd.family.evaluate import autocast_for, model_device, next_token_nll
@@ -106,11 +107,6 @@ class TrainResult:
     seconds: float
     final_loss: float | None
     skipped_steps: int = 0
-
-
-class TrainingDiverged(RuntimeError):
-    """Training stopped on non-finite losses, gradients or weights; the message names the step
-    and the checkpoint that was kept."""
 
 
 def all_finite(model: torch.nn.Module) -> str | None:

@@ -1,74 +1,79 @@
-"""The one-shot subcommands: ``plrd decompose``, ``plrd eval``, ``plrd info``."""
+"""The subcommands: ``plrd family``, ``plrd decompose``, ``plrd eval``, ``plrd info``."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
 import torch
 
-from plrd.core.counting import count_parameters
-from plrd.family.schedule import (
-    MANIFEST,
-    FamilyConfig,
-    check_model,
-    format_params,
-    format_table,
-    resolve_device,
-    verify_family,
-    verify_member,
-)
+from plrd.cli.display import describe_family, describe_member, format_table
+from plrd.cli.parser import config_from_args
+from plrd.core.counting import count_parameters, format_params
+from plrd.errors import InputError
+from plrd.family import distributed
+from plrd.family.checks import check_inputs, check_model
+from plrd.family.config import FamilyConfig
+from plrd.family.data import build_corpus, load_documents
+from plrd.family.device import resolve_device
+from plrd.family.evaluate import evaluate
+from plrd.family.record import FAMILY_FILE, read_record, verify_members
+from plrd.family.schedule import build_family
+from plrd.family.stage import calibrate_and_decompose
 from plrd.io.atomic import read_json
+from plrd.io.checkpoint import WEIGHTS_NAME, verify_checkpoint
+from plrd.io.integrity import read_safetensors_header
+from plrd.io.members import is_member_dir, save_member, verify_member
+from plrd.io.models import load_model, load_tokenizer
+
+MEMBER_METRICS = "member.json"
 
 
-def _corpus(args: argparse.Namespace, tokenizer):
-    from plrd.family.data import build_corpus, load_documents
-
-    docs = load_documents(args.data)
-    return build_corpus(docs, tokenizer, args.seq_len, args.held_out_fraction)
+def run_family(args: argparse.Namespace) -> dict:
+    """Build (or resume) the family the flags describe and print its table."""
+    cfg = config_from_args(args)
+    record = build_family(cfg)
+    if distributed.is_main():
+        print()
+        print(format_table(record))
+        print(f"\nfamily: {cfg.out}/{FAMILY_FILE}, plot: {cfg.out}/family.png")
+    return record
 
 
 def run_decompose(args: argparse.Namespace) -> dict:
     """Decompose ``--model`` to ``--size`` × its parameters; save a member to ``--out``."""
-    from plrd.family.evaluate import evaluate
-    from plrd.family.schedule import grams_and_decompose
-    from plrd.io.models import load_model, load_tokenizer, save_member
-
-    device = resolve_device(args.device)
-    tokenizer = load_tokenizer(args.model)
-    corpus = _corpus(args, tokenizer)
-    torch.manual_seed(args.seed)
-    model, tokenizer, _ = load_model(args.model, device)
-    check_model(model, args.model, (args.size,), args.seq_len)
+    cfg = config_from_args(args)
+    cfg.validate()
+    documents, device = check_inputs(cfg.data, cfg.model, cfg.device, args.out)
+    tokenizer = load_tokenizer(cfg.model)
+    corpus = build_corpus(documents, tokenizer, cfg.seq_len, cfg.held_out_fraction)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, _ = load_model(cfg.model, device)
+    check_model(model, cfg.model, (args.size,), cfg.seq_len)
     before = count_parameters(model)
     started = time.perf_counter()
-    calib = corpus.calibration_blocks(args.calib_tokens, seed=args.seed)
-    report = grams_and_decompose(
-        model,
-        args.size,
-        calib,
-        args.method,
-        args.allocation,
-        args.eval_batch_size,
-        progress=args.progress,
+    calib = corpus.calibration_blocks(cfg.calib_tokens, seed=cfg.seed)
+    report = calibrate_and_decompose(
+        model, args.size, calib, cfg.method, cfg.allocation, cfg.eval_batch_size, cfg.progress
     )
     print(report)
     entry: dict = {
         "size": args.size,
-        "source": args.model,
+        "source": cfg.model,
         "source_params": before,
         "params": count_parameters(model),
-        "method": args.method,
-        "allocation": args.allocation,
+        "method": cfg.method,
+        "allocation": cfg.allocation,
         "calibration_tokens": int(calib.numel()),
         "seconds": 0.0,
     }
     if not args.no_eval:
-        ev = evaluate(model, corpus.eval_blocks(args.eval_tokens), args.eval_batch_size)
+        ev = evaluate(model, corpus.eval_blocks(cfg.eval_tokens), cfg.eval_batch_size)
         entry |= {"zero_shot_ppl": ev.ppl, "tokens_per_s": ev.tokens_per_s}
     entry["seconds"] = round(time.perf_counter() - started, 1)
-    save_member(model, tokenizer, args.out, extra=entry, files={"decompose.txt": f"{report}\n"})
+    save_member(model, tokenizer, args.out, entry, {"decompose.txt": f"{report}\n"})
     summary = f"{args.out}: {format_params(before)} -> {format_params(entry['params'])} parameters"
     if "zero_shot_ppl" in entry:
         summary += f", held-out ppl {entry['zero_shot_ppl']:.2f}"
@@ -76,41 +81,37 @@ def run_decompose(args: argparse.Namespace) -> dict:
     return entry
 
 
-def _eval_settings(args: argparse.Namespace, manifest: dict | None) -> argparse.Namespace:
+def _eval_config(args: argparse.Namespace, record: dict | None) -> FamilyConfig:
     """The corpus and split ``plrd eval`` measures on: a family's own recorded settings (the
     text, block size, held-out fraction, tokens and batch it was measured with) unless flags
-    override them; FamilyConfig's defaults for anything else."""
-    recorded = (manifest or {}).get("config", {})
-    evaluation = (manifest or {}).get("evaluation", {})
-    defaults = FamilyConfig()
-    chosen = argparse.Namespace(**vars(args))
-    recorded_data = (manifest or {}).get("corpus", {}).get("data", recorded.get("data"))
-    chosen.data = args.data if args.data is not None else recorded_data
-    for name in ("seq_len", "held_out_fraction", "eval_tokens", "eval_batch_size"):
-        if getattr(args, name) is None:
-            value = evaluation.get(name, recorded.get(name, getattr(defaults, name)))
-            setattr(chosen, name, value)
-    return chosen
+    override them; the defaults for anything else."""
+    recorded = dict((record or {}).get("config", {}))
+    recorded |= (record or {}).get("evaluation", {})
+    if record is not None:
+        recorded["data"] = record.get("corpus", {}).get("data", recorded.get("data"))
+    for name in ("data", "seq_len", "held_out_fraction", "eval_tokens", "eval_batch_size"):
+        if getattr(args, name) is None and recorded.get(name) is not None:
+            value = recorded[name]
+            setattr(args, name, tuple(value) if isinstance(value, list) else value)
+    return config_from_args(args)
 
 
-def _describe_text(data: list[str] | None) -> str:
+def _describe_text(data: tuple[str, ...]) -> str:
     return ", ".join(data) if data else "the default corpus (Python's pydoc_data.topics)"
 
 
-def _eval_targets(root: Path, args: argparse.Namespace) -> tuple[list[tuple[str, str]], dict]:
-    """``([(label, path)], manifest or {})`` for a family, a member or a model directory."""
-    if (root / MANIFEST).is_file():
-        manifest = read_json(root / MANIFEST)
-        targets = [(m["path"], str(root / m["path"])) for m in manifest["members"]]
+def _eval_targets(root: Path, record: dict | None) -> list[tuple[str, str]]:
+    """``[(label, path)]`` of what to evaluate in a family, a member or a model directory; the
+    members' files are verified first."""
+    if record is not None:
+        targets = [(m["path"], str(root / m["path"])) for m in record["members"]]
         if not targets:
-            raise ValueError(f"{root}/{MANIFEST} lists no finished member yet")
-        verify_family(root, manifest)
-        return targets, manifest
-    if (root / "plrd.json").is_file():
-        _, problem = verify_member(root)
-        if problem is not None:
-            raise ValueError(problem)
-    return [(args.dir, args.dir)], {}
+            raise InputError(f"{root / FAMILY_FILE} lists no finished member yet")
+        verify_members(root, record)
+        return targets
+    if is_member_dir(root):
+        verify_member(root)
+    return [(str(root), str(root))]
 
 
 def run_eval(args: argparse.Namespace) -> list[dict]:
@@ -120,112 +121,72 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
     corpus fingerprint), so the figures match the family's; ``--data`` and the other corpus
     flags override that.
     """
-    from plrd.family.evaluate import evaluate
-    from plrd.io.models import load_model, load_tokenizer
-
-    device = resolve_device(args.device)
     root = Path(args.dir)
-    targets, manifest = _eval_targets(root, args)
-    settings = _eval_settings(args, manifest)
+    record = read_record(root)
+    own_text = record is not None and args.data is None
+    cfg = _eval_config(args, record)
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    targets = _eval_targets(root, record)
     tokenizer = load_tokenizer(targets[0][1])
-    corpus = _corpus(settings, tokenizer)
-    recorded = manifest.get("corpus", {}).get("fingerprint")
-    own_text = bool(manifest) and args.data is None
-    if own_text and recorded is not None and recorded != corpus.fingerprint:
-        raise ValueError(
-            f"the corpus recorded in {root / MANIFEST} ({_describe_text(settings.data)}) has "
+    corpus = build_corpus(load_documents(cfg.data), tokenizer, cfg.seq_len, cfg.held_out_fraction)
+    fingerprint = (record or {}).get("corpus", {}).get("fingerprint")
+    if own_text and fingerprint is not None and fingerprint != corpus.fingerprint:
+        raise InputError(
+            f"the corpus recorded in {root / FAMILY_FILE} ({_describe_text(cfg.data)}) has "
             "changed since the family was built; pass --data to evaluate on other text"
         )
-    blocks = corpus.eval_blocks(settings.eval_tokens)
+    blocks = corpus.eval_blocks(cfg.eval_tokens)
     source = "the family's own held-out split" if own_text else "the held-out split"
     print(
-        f"evaluating on {source} of {_describe_text(settings.data)}: {blocks.numel():,} tokens "
-        f"in blocks of {settings.seq_len}, {torch.get_num_threads()} threads"
+        f"evaluating on {source} of {_describe_text(cfg.data)}: {blocks.numel():,} tokens "
+        f"in blocks of {cfg.seq_len}, {torch.get_num_threads()} threads"
     )
     rows = []
     for label, path in targets:
         model, _, _ = load_model(path, device)
-        ev = evaluate(model, blocks, settings.eval_batch_size)
-        row = {
-            "model": label,
-            "params": count_parameters(model),
-            "held_out_ppl": ev.ppl,
-            "tokens_per_s": ev.tokens_per_s,
-            "threads": ev.threads,
-            "eval_tokens": ev.tokens,
-        }
-        rows.append(row)
+        ev = evaluate(model, blocks, cfg.eval_batch_size)
+        rows.append(
+            {
+                "model": label,
+                "params": count_parameters(model),
+                "held_out_ppl": ev.ppl,
+                "tokens_per_s": ev.tokens_per_s,
+                "threads": ev.threads,
+                "eval_tokens": ev.tokens,
+            }
+        )
         print(
-            f"{label}: {format_params(row['params'])} parameters, held-out ppl {ev.ppl:.2f} "
-            f"on {ev.tokens:,} tokens, {ev.tokens_per_s:.0f} tokens/s ({ev.threads} threads)"
+            f"{label}: {format_params(rows[-1]['params'])} parameters, held-out ppl "
+            f"{ev.ppl:.2f} on {ev.tokens:,} tokens, {ev.tokens_per_s:.0f} tokens/s "
+            f"({ev.threads} threads)"
         )
         del model
     return rows
 
 
-def _safetensors_params(path: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            n = 1
-            for d in f.get_slice(key).get_shape():
-                n *= d
-            total += n
-    return total
+def _stored_params(root: Path) -> int:
+    """Parameters in the member's weights file (plrd.json of format 1 does not record them)."""
+    header = read_safetensors_header(root / WEIGHTS_NAME)
+    return sum(math.prod(shape) for _, shape in header.values())
 
 
-def run_info(directory: str) -> str:
+def run_info(args: argparse.Namespace) -> str:
     """Describe a family directory (its table) or a member directory (ranks and metrics)."""
-    root = Path(directory)
-    if (root / MANIFEST).is_file():
-        manifest = read_json(root / MANIFEST)
-        cfg = manifest.get("config", {})
-        text = (
-            f"family in {root}: parent {manifest['parent']['name']}, "
-            f"{len(manifest['members'])} finished of sizes "
-            f"{','.join(f'{s:g}' for s in cfg.get('sizes', []))}; objective "
-            f"{cfg.get('objective')}, method {cfg.get('method')}, allocation "
-            f"{cfg.get('allocation')}, {cfg.get('tokens_per_stage', 0):,} tokens per stage\n\n"
-            + format_table(manifest)
-        )
+    root = Path(args.dir)
+    record = read_record(root)
+    if record is not None:
+        text = describe_family(str(root), record)
         print(text)
-        verify_family(root, manifest)
-        n = len(manifest["members"])
+        verify_members(root, record)
+        n = len(record["members"])
         print(f"\n{n} member{'s' if n != 1 else ''}: weights verified (SHA-256)")
         return text
-    if (root / "plrd.json").is_file():
-        from plrd.io.checkpoint import verify_checkpoint
-
-        info = verify_checkpoint(root)
-        layers = info["layers"]
-        params = info.get("num_parameters") or _safetensors_params(root / "model.safetensors")
-        lines = [
-            f"member {root}: {format_params(params)} parameters, {len(layers)} factored layers "
-            "(weights verified)"
-        ]
-        if layers:
-            fractions = [e["rank"] * (e["in"] + e["out"]) / (e["in"] * e["out"]) for e in layers]
-            ranks = [e["rank"] for e in layers]
-            lines.append(
-                f"ranks {min(ranks)}..{max(ranks)}; factored weights keep "
-                f"{min(fractions):.1%}..{max(fractions):.1%} of their dense size"
-            )
-        if (root / "member.json").is_file():
-            metrics = read_json(root / "member.json")
-            shown = ", ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
-            )
-            lines.append(shown)
-        lines.append("")
-        lines.append("layer                                     out x in     rank")
-        for e in layers:
-            lines.append(f"{e['name']:<40}  {e['out']:>5} x {e['in']:<5}  {e['rank']:>5}")
-        text = "\n".join(lines)
-    else:
-        raise ValueError(
-            f"{directory} holds neither {MANIFEST} (a family) nor plrd.json (a member)"
-        )
+    if not is_member_dir(root):
+        raise InputError(f"{root} holds neither {FAMILY_FILE} (a family) nor plrd.json (a member)")
+    info = verify_checkpoint(root)
+    metrics = read_json(root / MEMBER_METRICS) if (root / MEMBER_METRICS).is_file() else None
+    params = info.get("num_parameters") or _stored_params(root)
+    text = describe_member(str(root), info, params, metrics)
     print(text)
     return text

@@ -43,3 +43,11 @@ def dense_params(in_features: int, out_features: int, bias: bool) -> int:
 def lowrank_params(in_features: int, out_features: int, rank: int, bias: bool) -> int:
     """Parameters of a rank-r factored layer: ``r·(in+out) (+ out)``."""
     return rank * (in_features + out_features) + (out_features if bias else 0)
+
+
+def format_params(n: int) -> str:
+    """A parameter count with a unit and one decimal: 134.5M, 206.4K, 1.2B, 950."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from plrd.errors import InputError
+
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
 SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
@@ -41,7 +43,7 @@ def default_documents() -> list[str]:
 def expand_paths(paths: Sequence[str]) -> list[Path]:
     """Files named by ``paths`` (files, folders searched recursively, glob patterns), sorted.
 
-    Raises ValueError naming the first path that matches nothing or has an unknown suffix.
+    Raises InputError naming the first path that matches nothing or has an unknown suffix.
     """
     files: list[Path] = []
     for raw in paths:
@@ -50,7 +52,7 @@ def expand_paths(paths: Sequence[str]) -> list[Path]:
             matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(raw), recursive=True))]
             found = [m for m in matches if m.is_file() and m.suffix.lower() in SUFFIXES]
             if not found:
-                raise ValueError(
+                raise InputError(
                     f"data pattern {raw} matches no {'/'.join(SUFFIXES)} file; check the pattern"
                 )
             files.extend(found)
@@ -59,16 +61,16 @@ def expand_paths(paths: Sequence[str]) -> list[Path]:
                 p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
             )
             if not found:
-                raise ValueError(f"data folder {raw} holds no {'/'.join(SUFFIXES)} file")
+                raise InputError(f"data folder {raw} holds no {'/'.join(SUFFIXES)} file")
             files.extend(found)
         elif path.is_file():
             if path.suffix.lower() not in SUFFIXES:
-                raise ValueError(
+                raise InputError(
                     f"data file {raw} has suffix '{path.suffix}'; supported: {', '.join(SUFFIXES)}"
                 )
             files.append(path)
         else:
-            raise ValueError(f"data path {raw} does not exist")
+            raise InputError(f"data path {raw} does not exist")
     seen: set[Path] = set()
     unique = []
     for f in files:
@@ -109,12 +111,12 @@ def read_documents(files: Iterable[Path], doc_chars: int = DEFAULT_DOC_CHARS) ->
         try:
             docs.extend(_read_file(f, doc_chars))
         except OSError as err:
-            raise ValueError(
+            raise InputError(
                 f"data file {f} cannot be read ({err.strerror or type(err).__name__}); check "
                 "that it exists and that you may read it"
             ) from None
         except UnicodeDecodeError as err:
-            raise ValueError(
+            raise InputError(
                 f"data file {f} is not UTF-8 text ({err.reason} at byte {err.start}); "
                 "convert it to UTF-8"
             ) from None
@@ -125,7 +127,7 @@ def _read_file(f: Path, doc_chars: int) -> list[str]:
     """The documents of one file: a ``.jsonl`` record's ``text`` each, else paragraph groups."""
     text = f.read_text(encoding="utf-8")
     if "\x00" in text:
-        raise ValueError(
+        raise InputError(
             f"data file {f} is not text (it holds NUL bytes, like a binary file); pass UTF-8 "
             "text files"
         )
@@ -138,10 +140,10 @@ def _read_file(f: Path, doc_chars: int) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{f}:{lineno} is not valid JSON ({err.msg})") from None
+            raise InputError(f"{f}:{lineno} is not valid JSON ({err.msg})") from None
         field = record.get("text") if isinstance(record, dict) else None
         if not isinstance(field, str):
-            raise ValueError(f"{f}:{lineno} has no string 'text' field")
+            raise InputError(f"{f}:{lineno} has no string 'text' field")
         if field.strip():
             docs.append(field)
     return docs
@@ -154,7 +156,7 @@ def load_documents(paths: Sequence[str] | None, doc_chars: int = DEFAULT_DOC_CHA
     files = expand_paths(paths)
     docs = read_documents(files, doc_chars)
     if not docs:
-        raise ValueError(f"the corpus is empty: no text in {', '.join(map(str, files))}")
+        raise InputError(f"the corpus is empty: no text in {', '.join(map(str, files))}")
     return docs
 
 
@@ -177,7 +179,7 @@ def separator_id(tokenizer: Any) -> int:
         value = getattr(tokenizer, attr, None)
         if value is not None:
             return int(value)
-    raise ValueError("the tokenizer defines no eos, bos or pad token to separate documents")
+    raise InputError("the tokenizer defines no eos, bos or pad token to separate documents")
 
 
 def pack(token_lists: Sequence[Sequence[int]], block_size: int, sep: int) -> Tensor:
@@ -243,20 +245,20 @@ def build_corpus(
 ) -> Corpus:
     """Tokenize ``docs``, split them into train / held-out documents, pack each side.
 
-    Raises ValueError when a side would hold less than one block.
+    Raises InputError when a side would hold less than one block.
     """
     if block_size < 2:
-        raise ValueError(f"block size must be at least 2 tokens, got {block_size}")
+        raise InputError(f"block size must be at least 2 tokens, got {block_size}")
     if not 0.0 < held_out_fraction < 1.0:
-        raise ValueError(f"held-out fraction must be in (0, 1), got {held_out_fraction}")
+        raise InputError(f"held-out fraction must be in (0, 1), got {held_out_fraction}")
     if not docs:
-        raise ValueError("the corpus is empty: no documents")
+        raise InputError("the corpus is empty: no documents")
     order = sorted(range(len(docs)), key=lambda i: document_key(docs[i]))
     ids = tokenize_documents([docs[i] for i in order], tokenizer)
     lengths = [len(x) + 1 for x in ids]
     total = sum(lengths)
     if total < 2 * block_size:
-        raise ValueError(
+        raise InputError(
             f"the corpus has {total:,} tokens, fewer than two blocks of {block_size} "
             "(one to train on, one held out); add text with --data or lower --seq-len"
         )
@@ -266,7 +268,7 @@ def build_corpus(
     train_blocks = pack(train, block_size, sep)
     held_blocks = pack(held, block_size, sep)
     if len(train_blocks) == 0 or len(held_blocks) == 0:
-        raise ValueError(
+        raise InputError(
             f"the corpus ({len(docs)} documents, {total:,} tokens) does not split into at least "
             f"one training and one held-out block of {block_size} tokens; add documents with "
             "--data or lower --seq-len"
@@ -320,7 +322,7 @@ class BlockStream:
 
     def __init__(self, blocks: Tensor, batch_size: int, seed: int) -> None:
         if len(blocks) == 0:
-            raise ValueError("no training blocks to draw batches from")
+            raise InputError("no training blocks to draw batches from")
         self.blocks = blocks
         self.batch_size = batch_size
         self.seed = seed

@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from plrd.errors import InputError, PlrdError
+
 T = TypeVar("T")
 
 
@@ -82,7 +84,7 @@ def init(device: torch.device) -> torch.device:
         return device
     dist = _dist()
     if not dist.is_available():
-        raise ValueError("torchrun started several processes but torch.distributed is missing")
+        raise InputError("torchrun started several processes but torch.distributed is missing")
     if device.type == "cuda":
         device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
@@ -154,14 +156,14 @@ def broadcast(obj: T) -> T:
 
 
 def same_on_all_ranks(obj: Any, what: str) -> None:
-    """Raise ValueError unless ``obj`` is equal on every rank (``what`` names it)."""
+    """Raise PlrdError unless ``obj`` is equal on every rank (``what`` names it)."""
     if not is_distributed():
         return
     gathered: list[Any] = [None] * world_size()
     _dist().all_gather_object(gathered, obj)
     for r, other in enumerate(gathered):
         if other != gathered[0]:
-            raise ValueError(
+            raise PlrdError(
                 f"{what} differs between rank 0 and rank {r}; the ranks must compute the same "
                 "result (same inputs, same software on every machine)"
             )

@@ -9,7 +9,6 @@ it (a cold first pass pays one-time costs and would make the first model timed l
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
@@ -18,6 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from plrd.errors import InputError
+from plrd.family import distributed
+from plrd.family.device import autocast_for, model_device
 
 TIMING_REPEATS = 3
 
@@ -32,17 +35,6 @@ class EvalResult:
     tokens: int
     tokens_per_s: float
     threads: int
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; nothing elsewhere (fp32 on CPU)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def next_token_nll(logits: Tensor, input_ids: Tensor, reduction: str = "sum") -> Tensor:
@@ -85,7 +77,7 @@ def forward_throughput(
 def held_out_nll(model: torch.nn.Module, blocks: Tensor, batch_size: int = 4) -> float:
     """Mean next-token negative log-likelihood of ``model`` over ``blocks`` [N, T]."""
     if blocks.dim() != 2 or blocks.shape[1] < 2:
-        raise ValueError(f"blocks must be [N, T] with T >= 2, got {tuple(blocks.shape)}")
+        raise InputError(f"blocks must be [N, T] with T >= 2, got {tuple(blocks.shape)}")
     device = model_device(model)
     total_nll = 0.0
     count = 0
@@ -139,8 +131,6 @@ def evaluate_sharded(
     on its own first batch, all at once), so every rank returns the same figures. One process:
     ``evaluate``.
     """
-    from plrd.family import distributed
-
     if not distributed.is_distributed():
         return evaluate(model, blocks, batch_size, timing_repeats)
     mine = distributed.shard(blocks)
@@ -158,4 +148,16 @@ def evaluate_sharded(
         tokens=int(totals[2]),
         tokens_per_s=float(totals[3]),
         threads=torch.get_num_threads(),
+    )
+
+
+def throughput_note(
+    ev: EvalResult, batch_size: int, seq_len: int, device: torch.device, world: int = 1
+) -> str:
+    """What ``tokens_per_s`` means in family.json, with the thread count it was measured at."""
+    where = f"{ev.threads} CPU threads" if device.type == "cpu" else device.type
+    together = f", {world} processes together" if world > 1 else ""
+    return (
+        f"tokens_per_s: forward tokens per second on one batch of {batch_size} x {seq_len} "
+        f"held-out tokens, median of timed passes after a warm-up, on {where}{together}"
     )

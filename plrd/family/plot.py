@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from plrd.core.counting import format_params
 from plrd.io.atomic import atomic_path
 
 
@@ -21,8 +22,6 @@ def draw_family(manifest: dict) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
-
-    from plrd.family.schedule import format_params
 
     parent = manifest["parent"]
     members = manifest["members"]

@@ -91,7 +91,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 def tiny_family_config(model_dir: Path, data_dir: Path, **overrides):
     """A FamilyConfig sized for the tiny model: seconds, not minutes."""
-    from plrd.family.schedule import FamilyConfig
+    from plrd.family.config import FamilyConfig
 
     values = dict(
         model=str(model_dir),
@@ -112,7 +112,7 @@ def tiny_family_config(model_dir: Path, data_dir: Path, **overrides):
     )
     values.update(overrides)
     values["out"] = str(values["out"])
-    return FamilyConfig(**values)
+    return FamilyConfig.of(**values)
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from plrd.cli.entry import build_parser, main
+from plrd.core.counting import format_params
 from plrd.family.evaluate import evaluate
-from plrd.family.schedule import format_params
 
 
 def _manifest() -> dict:

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from plrd.family.schedule import build_family, format_table, size_key
+from plrd.cli.display import format_table
+from plrd.family.record import size_key
+from plrd.family.schedule import build_family
 
 MEMBER_FIELDS = {
     "size",
@@ -53,7 +55,7 @@ def test_family_end_to_end(make_config, tiny_model_dir):
         assert set(m) >= MEMBER_FIELDS
         assert m["path"] == f"members/{size_key(m['size'])}"
         assert abs(m["params"] / parent["params"] - m["size"]) < 0.01
-        assert m["tokens"] == cfg.tokens_per_stage
+        assert m["tokens"] == cfg.train.tokens_per_stage
         assert all(math.isfinite(m[k]) for k in ("zero_shot_ppl", "held_out_ppl"))
     assert (Path(out) / "family.png").stat().st_size > 1000
     table = format_table(manifest)

@@ -36,9 +36,10 @@ def test_default_parent_loads_as_fp32_with_tied_embeddings(smollm2):
 
 def test_short_family_on_the_default_parent(smollm2, tmp_path):
     from plrd import load_pretrained
-    from plrd.family.schedule import FamilyConfig, build_family
+    from plrd.family.config import FamilyConfig
+    from plrd.family.schedule import build_family
 
-    cfg = FamilyConfig(
+    cfg = FamilyConfig.of(
         sizes=(0.9,),
         tokens_per_stage=2 * 256,
         batch_size=2,

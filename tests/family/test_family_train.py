@@ -8,15 +8,11 @@ import math
 import pytest
 import torch
 
-from plrd.family.train import (
-    TrainConfig,
-    checkpoint_dir,
-    has_checkpoint,
-    kd_loss,
-    lr_factor,
-    objective_loss,
-    train_stage,
-)
+from plrd.family.config import TrainConfig
+from plrd.family.objectives import kd_loss, objective_loss
+from plrd.family.optimizer import lr_factor
+from plrd.family.train_state import checkpoint_dir, has_checkpoint
+from tests.family.training import train_stage
 
 
 class Stop(Exception):
@@ -47,13 +43,13 @@ def test_objectives_combine_lm_and_kd():
     logits = torch.randn(1, 6, 9, generator=g)
     teacher = torch.randn(1, 6, 9, generator=g)
     ids = torch.randint(0, 9, (1, 6), generator=g)
-    lm, p_lm = objective_loss(logits, ids, TrainConfig(tokens=1, objective="lm"), None)
-    kd, p_kd = objective_loss(logits, ids, TrainConfig(tokens=1, objective="kd"), teacher)
-    both, parts = objective_loss(logits, ids, TrainConfig(tokens=1, objective="lm+kd"), teacher)
+    lm, p_lm = objective_loss(logits, ids, TrainConfig(objective="lm"), None)
+    kd, p_kd = objective_loss(logits, ids, TrainConfig(objective="kd"), teacher)
+    both, parts = objective_loss(logits, ids, TrainConfig(objective="lm+kd"), teacher)
     assert float(both) == pytest.approx(0.5 * float(lm) + 0.5 * float(kd), rel=1e-6)
     assert parts == pytest.approx({"lm": p_lm["lm"], "kd": p_kd["kd"]})
     with pytest.raises(ValueError, match="teacher"):
-        objective_loss(logits, ids, TrainConfig(tokens=1, objective="kd"), None)
+        objective_loss(logits, ids, TrainConfig(objective="kd"), None)
 
 
 def _tiny(model_dir):
@@ -74,13 +70,12 @@ def test_training_lowers_the_loss(tiny_model_dir, tmp_path):
     model = _tiny(tiny_model_dir)
     blocks = _blocks(tiny_model_dir)
     cfg = TrainConfig(
-        tokens=12 * 4 * 32,
+        tokens_per_stage=12 * 4 * 32,
         batch_size=4,
         lr=3e-3,
         objective="lm",
         train_embeddings=True,
         checkpoint_every=0,
-        progress=False,
     )
     result = train_stage(model, blocks, cfg, tmp_path)
     log = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
@@ -94,9 +89,7 @@ def test_embeddings_are_frozen_unless_asked(tiny_model_dir, tmp_path):
     model = _tiny(tiny_model_dir)
     emb = model.get_input_embeddings().weight.detach().clone()
     q = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    cfg = TrainConfig(
-        tokens=2 * 2 * 32, batch_size=2, objective="lm", checkpoint_every=0, progress=False
-    )
+    cfg = TrainConfig(tokens_per_stage=2 * 2 * 32, batch_size=2, objective="lm", checkpoint_every=0)
     train_stage(model, _blocks(tiny_model_dir), cfg, tmp_path)
     assert torch.equal(model.get_input_embeddings().weight, emb)
     assert model.lm_head.weight is model.get_input_embeddings().weight
@@ -110,12 +103,11 @@ def test_interrupted_stage_resumes_to_identical_weights(tiny_model_dir, tmp_path
     blocks = _blocks(tiny_model_dir)
     teacher = _tiny(tiny_model_dir)
     cfg = TrainConfig(
-        tokens=7 * 2 * 32,
+        tokens_per_stage=7 * 2 * 32,
         batch_size=2,
         lr=1e-3,
         objective="lm+kd",
         checkpoint_every=3,
-        progress=False,
     )
 
     straight = _tiny(tiny_model_dir)
@@ -139,6 +131,6 @@ def test_interrupted_stage_resumes_to_identical_weights(tiny_model_dir, tmp_path
     log = [json.loads(x) for x in (tmp_path / "b" / "train.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 8))
 
-    other = TrainConfig(tokens=9 * 2 * 32, batch_size=2, checkpoint_every=3, progress=False)
+    other = TrainConfig(tokens_per_stage=9 * 2 * 32, batch_size=2, checkpoint_every=3)
     with pytest.raises(ValueError, match="original settings"):
         train_stage(resumed, blocks, other, tmp_path / "b", teacher=teacher)

@@ -9,14 +9,11 @@ import math
 import pytest
 import torch
 
-import plrd.family.train as train_mod
-from plrd.family.train import (
-    TrainConfig,
-    TrainingDiverged,
-    checkpoint_dir,
-    has_checkpoint,
-    train_stage,
-)
+import plrd.family.trainer as trainer_mod
+from plrd.errors import TrainingDiverged
+from plrd.family.config import TrainConfig
+from plrd.family.train_state import checkpoint_dir, has_checkpoint, read_state
+from tests.family.training import train_stage
 from tests.tiny_models import VOCAB, tiny_llama
 
 
@@ -27,7 +24,7 @@ def _blocks(n=16, t=16):
 
 def _poison_steps(monkeypatch, bad: set[int]):
     """Make the loss NaN on the 1-based optimizer steps in ``bad`` (one micro-batch per step)."""
-    original = train_mod.objective_loss
+    original = trainer_mod.objective_loss
     calls = []
 
     def poisoned(logits, input_ids, cfg, teacher_logits):
@@ -37,7 +34,7 @@ def _poison_steps(monkeypatch, bad: set[int]):
             loss = loss * float("nan")
         return loss, parts
 
-    monkeypatch.setattr(train_mod, "objective_loss", poisoned)
+    monkeypatch.setattr(trainer_mod, "objective_loss", poisoned)
 
 
 def _params(model):
@@ -46,9 +43,7 @@ def _params(model):
 
 def _cfg(steps, **kw):
     kw.setdefault("checkpoint_every", 2)
-    return TrainConfig(
-        tokens=steps * 2 * 16, batch_size=2, lr=1e-3, objective="lm", progress=False, **kw
-    )
+    return TrainConfig(tokens_per_stage=steps * 2 * 16, batch_size=2, lr=1e-3, objective="lm", **kw)
 
 
 def test_non_finite_steps_are_skipped(monkeypatch, tmp_path):
@@ -83,7 +78,7 @@ def test_too_many_bad_steps_stop_and_keep_the_last_good_checkpoint(monkeypatch, 
     assert "step 5 of 10" in message and "3 steps in a row" in message
     assert "(step 4)" in message and str(checkpoint_dir(tmp_path)) in message
     assert len(message.splitlines()) == 1
-    state = train_mod.read_state(checkpoint_dir(tmp_path))
+    state = read_state(checkpoint_dir(tmp_path))
     assert state["step"] == 4 and state["bad_in_row"] == 2
     from plrd.io.checkpoint import load
 
@@ -96,7 +91,7 @@ def test_zero_bad_steps_allowed_stops_at_the_first(monkeypatch, tmp_path):
     _poison_steps(monkeypatch, {1})
     with pytest.raises(TrainingDiverged, match="1 steps in a row"):
         train_stage(tiny_llama(), _blocks(), _cfg(3, max_bad_steps=0), tmp_path)
-    state = train_mod.read_state(checkpoint_dir(tmp_path))
+    state = read_state(checkpoint_dir(tmp_path))
     assert state["step"] == 0
 
 
@@ -112,7 +107,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
     with pytest.raises(TrainingDiverged, match="down_proj.weight holds NaN or inf"):
         train_stage(model, _blocks(), cfg, tmp_path, on_step=break_weights)
     assert has_checkpoint(tmp_path)
-    state = train_mod.read_state(checkpoint_dir(tmp_path))
+    state = read_state(checkpoint_dir(tmp_path))
     assert state["step"] == 0
 
 

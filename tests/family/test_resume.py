@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from plrd.cli.entry import main
-from plrd.family.train import STATE, STATE_TENSORS, checkpoint_dir, read_state
+from plrd.cli.entry import EXIT_INTERRUPTED, main
+from plrd.family.train_state import STATE, STATE_TENSORS, checkpoint_dir, read_state
 from tests.family.conftest import SEQ
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,25 +137,21 @@ def test_training_state_is_safetensors_and_json_only(cli_inputs, tmp_path):
     argv[argv.index("--sizes") + 1] = "0.9"
     argv[argv.index("--tokens-per-stage") + 1] = str(2 * 2 * SEQ)
 
-    class Stop(Exception):
-        pass
+    import plrd.family.trainer as trainer_mod
 
-    import plrd.family.train as train_mod
-
-    original = train_mod.save_checkpoint
+    original = trainer_mod.save_checkpoint
     saved = []
 
     def stop_after_first(*args, **kwargs):
         original(*args, **kwargs)
         saved.append(1)
         if len(saved) == 2:
-            raise Stop
+            raise KeyboardInterrupt  # as Ctrl-C would, right after a checkpoint
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(train_mod, "save_checkpoint", stop_after_first)
+    mp.setattr(trainer_mod, "save_checkpoint", stop_after_first)
     try:
-        with pytest.raises(Stop):
-            main(argv)
+        assert main(argv) == EXIT_INTERRUPTED
     finally:
         mp.undo()
     ckpt = checkpoint_dir(out / "stages" / "size-0.90")

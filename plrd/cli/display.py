@@ -1,0 +1,103 @@
+"""What the ``plrd`` command prints: the family table, the description of a family or member."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from plrd.core.counting import format_params
+
+
+def _columns(rows: Sequence[Sequence[str]]) -> str:
+    """Rows as aligned text: the first column left-aligned, the others right; a rule under
+    the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, r in enumerate(rows):
+        cells = [r[0].ljust(widths[0])]
+        cells += [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
+        lines.append("  ".join(cells))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_table(record: dict) -> str:
+    """The family as a text table: one row for the parent, one per finished member."""
+    parent = record["parent"]
+    threads = record.get("evaluation", {}).get("threads")
+    speed = f"tok/s ({threads} threads)" if threads else "tok/s"
+    rows = [
+        (
+            "member",
+            "params",
+            "% parent",
+            "tokens",
+            "zero-shot ppl",
+            "held-out ppl",
+            speed,
+            "seconds",
+        ),
+        (
+            f"parent ({parent['name']})",
+            format_params(parent["params"]),
+            "100.0",
+            "-",
+            "-",
+            f"{parent['held_out_ppl']:.2f}",
+            f"{parent['tokens_per_s']:.0f}",
+            "-",
+        ),
+    ]
+    for m in record["members"]:
+        rows.append(
+            (
+                m["path"],
+                format_params(m["params"]),
+                f"{100 * m['params'] / parent['params']:.1f}",
+                f"{m['tokens']:,}",
+                f"{m['zero_shot_ppl']:.2f}",
+                f"{m['held_out_ppl']:.2f}",
+                f"{m['tokens_per_s']:.0f}",
+                f"{m['seconds']:.0f}",
+            )
+        )
+    return _columns(rows)
+
+
+def describe_family(root: str, record: dict) -> str:
+    cfg = record.get("config", {})
+    return (
+        f"family in {root}: parent {record['parent']['name']}, "
+        f"{len(record['members'])} finished of sizes "
+        f"{','.join(f'{s:g}' for s in cfg.get('sizes', []))}; objective "
+        f"{cfg.get('objective')}, method {cfg.get('method')}, allocation "
+        f"{cfg.get('allocation')}, {cfg.get('tokens_per_stage', 0):,} tokens per stage\n\n"
+        + format_table(record)
+    )
+
+
+def describe_member(root: str, info: dict, params: int, metrics: dict | None) -> str:
+    """A member's parameters, rank range, metrics and per-layer ranks (from its plrd.json)."""
+    layers = info["layers"]
+    lines = [
+        f"member {root}: {format_params(params)} parameters, {len(layers)} factored layers "
+        "(weights verified)"
+    ]
+    if layers:
+        fractions = [e["rank"] * (e["in"] + e["out"]) / (e["in"] * e["out"]) for e in layers]
+        ranks = [e["rank"] for e in layers]
+        lines.append(
+            f"ranks {min(ranks)}..{max(ranks)}; factored weights keep "
+            f"{min(fractions):.1%}..{max(fractions):.1%} of their dense size"
+        )
+    if metrics:
+        lines.append(
+            ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+            )
+        )
+    lines.append("")
+    lines.append("layer                                     out x in     rank")
+    for e in layers:
+        lines.append(f"{e['name']:<40}  {e['out']:>5} x {e['in']:<5}  {e['rank']:>5}")
+    return "\n".join(lines)

@@ -87,9 +87,10 @@ def test_split_is_by_document_deterministic_and_order_free(tiny_model_dir, corpu
     assert a.fingerprint == b.fingerprint
     assert a.train_docs + a.held_out_docs == len(docs) + a.split_documents
     assert abs(a.held_out_tokens / (a.train_tokens + a.held_out_tokens) - 0.2) < 0.01
-    # no held-out block appears in the training blocks
+    # no run of held-out tokens appears anywhere in the training stream (block boundaries of
+    # the two sides need not line up, so compare token runs, not blocks)
+    assert not _shared_runs(a.train, a.held_out, 32)  # shorter runs: shared boilerplate
     train_rows = {tuple(r) for r in a.train.tolist()}
-    assert not any(tuple(r) in train_rows for r in a.held_out.tolist())
     assert a.eval_blocks(64).shape == (2, 32)
     calib = a.calibration_blocks(96, seed=0)
     assert calib.shape == (3, 32)
@@ -139,8 +140,12 @@ def test_held_out_fraction_holds_with_few_long_documents(tiny_model_dir):
     assert abs(share - 0.1) < 0.005, share
     assert corpus.split_documents == 1
     assert "cut between the two" in corpus.summary()
-    # the held-out text never reappears in the training stream
-    train = corpus.train.flatten().tolist()
-    runs = {tuple(train[i : i + 12]) for i in range(len(train) - 11)}
-    held = corpus.held_out.flatten().tolist()
-    assert not any(tuple(held[i : i + 12]) in runs for i in range(0, len(held) - 11))
+    assert not _shared_runs(corpus.train, corpus.held_out, 12)
+
+
+def _shared_runs(train: torch.Tensor, held: torch.Tensor, n: int) -> int:
+    """How many runs of ``n`` consecutive held-out tokens also occur in the training stream."""
+    stream = train.flatten().tolist()
+    runs = {tuple(stream[i : i + n]) for i in range(len(stream) - n + 1)}
+    held_stream = held.flatten().tolist()
+    return sum(tuple(held_stream[i : i + n]) in runs for i in range(len(held_stream) - n + 1))

@@ -76,15 +76,21 @@ def test_unwritable_output_is_refused_before_any_work(capsys, tmp_path, base):
     assert not (tmp_path / "new").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to read-only directories")
 def test_read_only_output_directory(capsys, tmp_path, base):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
+    """A directory nobody may write into: mode 0555 for a normal user; root passes permission
+    checks, so for root a directory of sysfs, which refuses new entries to everyone."""
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+    else:
+        ro = Path("/sys")
     try:
-        _one_line_error(capsys, base(out=ro / "fam"), "not writable", "Permission denied")
+        _one_line_error(capsys, base(out=ro / "plrd-fam"), "not writable")
     finally:
-        ro.chmod(0o755)
+        if ro != Path("/sys"):
+            ro.chmod(0o755)
+    assert not (ro / "plrd-fam").exists()
 
 
 def test_decompose_checks_its_output_too(capsys, tmp_path, tiny_model_dir, corpus_dir):

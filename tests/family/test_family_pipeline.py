@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from plrd import LowRankLinear, load_pretrained
 from plrd.cli.display import format_table
 from plrd.family.record import size_key
 from plrd.family.schedule import build_family
@@ -81,10 +82,20 @@ def test_family_end_to_end(make_config, tiny_model_dir):
 def test_member_chain_starts_from_the_previous_member(make_config):
     cfg, manifest = _build(make_config, tokens_per_stage=0)
     first, second = manifest["members"]
-    # without training, the second stage starts where the first one ended
-    assert second["zero_shot_ppl"] != first["zero_shot_ppl"]
     assert first["held_out_ppl"] == pytest.approx(first["zero_shot_ppl"])
     assert first["tokens"] == 0
+    # without training, the second member is a truncation of the first: each factored layer has
+    # a lower rank and its ``up`` lies in the column space of the first member's ``up``
+    a = load_pretrained(Path(cfg.out) / first["path"])
+    b = load_pretrained(Path(cfg.out) / second["path"])
+    factored = {n: m for n, m in a.named_modules() if isinstance(m, LowRankLinear)}
+    assert factored
+    for name, layer in factored.items():
+        later = b.get_submodule(name)
+        assert later.rank <= layer.rank, name
+        basis, _ = torch.linalg.qr(layer.up.detach().double())
+        up = later.up.detach().double()
+        assert torch.linalg.norm(up - basis @ (basis.T @ up)) <= 1e-6 * torch.linalg.norm(up)
 
 
 def test_interrupted_family_resumes_to_the_same_manifest(make_config, tmp_path):

@@ -56,6 +56,8 @@ def test_short_family_on_the_default_parent(smollm2, tmp_path):
     model = load_pretrained(tmp_path / "fam" / member["path"])
     _, tokenizer, _ = smollm2
     ids = tokenizer("def main():", return_tensors="pt").input_ids
-    text = tokenizer.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0])
-    assert text.startswith("def main():") and len(text) > len("def main():")
+    new = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
+    assert len(set(new.tolist())) > 2  # not one token repeated: the member still writes
+    text = tokenizer.decode(new)
+    assert text.strip() and text.isprintable() or "\n" in text
     assert json.loads((tmp_path / "fam" / "family.json").read_text())["members"] == [member]

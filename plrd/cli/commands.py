@@ -16,11 +16,12 @@ from plrd.errors import InputError
 from plrd.family import distributed
 from plrd.family.checks import check_inputs, check_model
 from plrd.family.config import FamilyConfig
-from plrd.family.data import build_corpus, load_documents
+from plrd.family.data import build_corpus
 from plrd.family.device import resolve_device
 from plrd.family.evaluate import evaluate
 from plrd.family.record import FAMILY_FILE, read_record, verify_members
 from plrd.family.schedule import build_family
+from plrd.family.sources import load_documents
 from plrd.family.stage import calibrate_and_decompose
 from plrd.io.atomic import read_json
 from plrd.io.checkpoint import WEIGHTS_NAME, verify_checkpoint
@@ -46,7 +47,7 @@ def run_decompose(args: argparse.Namespace) -> dict:
     """Decompose ``--model`` to ``--size`` × its parameters; save a member to ``--out``."""
     cfg = config_from_args(args)
     cfg.validate()
-    documents, device = check_inputs(cfg.data, cfg.model, cfg.device, args.out)
+    documents, device = check_inputs(cfg.data, cfg.text_column, cfg.model, cfg.device, args.out)
     tokenizer = load_tokenizer(cfg.model)
     corpus = build_corpus(documents, tokenizer, cfg.seq_len, cfg.held_out_fraction)
     torch.manual_seed(cfg.seed)
@@ -89,7 +90,8 @@ def _eval_config(args: argparse.Namespace, record: dict | None) -> FamilyConfig:
     recorded |= (record or {}).get("evaluation", {})
     if record is not None:
         recorded["data"] = record.get("corpus", {}).get("data", recorded.get("data"))
-    for name in ("data", "seq_len", "held_out_fraction", "eval_tokens", "eval_batch_size"):
+    recorded_names = ("data", "text_column", "seq_len", "held_out_fraction", "eval_tokens")
+    for name in (*recorded_names, "eval_batch_size"):
         if getattr(args, name) is None and recorded.get(name) is not None:
             value = recorded[name]
             setattr(args, name, tuple(value) if isinstance(value, list) else value)
@@ -129,7 +131,9 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
     device = resolve_device(cfg.device)
     targets = _eval_targets(root, record)
     tokenizer = load_tokenizer(targets[0][1])
-    corpus = build_corpus(load_documents(cfg.data), tokenizer, cfg.seq_len, cfg.held_out_fraction)
+    corpus = build_corpus(
+        load_documents(cfg.data, cfg.text_column), tokenizer, cfg.seq_len, cfg.held_out_fraction
+    )
     fingerprint = (record or {}).get("corpus", {}).get("fingerprint")
     if own_text and fingerprint is not None and fingerprint != corpus.fingerprint:
         raise InputError(

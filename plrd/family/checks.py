@@ -11,8 +11,8 @@ from plrd.core.counting import count_parameters
 from plrd.core.ranks import LayerSpec, min_weight_params
 from plrd.core.targets import find_targets, is_lowrank, layer_shape, linear_layers
 from plrd.errors import ConfigError, InputError
-from plrd.family.data import load_documents
 from plrd.family.device import resolve_device
+from plrd.family.sources import load_documents
 from plrd.io.atomic import check_writable_dir
 from plrd.io.models import ALIASES, find_smollm2_gguf, resolve_model
 
@@ -38,11 +38,11 @@ def check_model_source(name: str) -> None:
 
 
 def check_inputs(
-    data: Sequence[str], model: str, device: str, out: str | None
+    data: Sequence[str], text_column: str, model: str, device: str, out: str | None
 ) -> tuple[list[str], torch.device]:
     """Read the documents, find the model, resolve the device and try the output directory,
     in that order (the cheapest first); returns ``(documents, device)`` for the run to use."""
-    documents = load_documents(data)
+    documents = load_documents(data, text_column)
     check_model_source(model)
     resolved = resolve_device(device)
     if out is not None:

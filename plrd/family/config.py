@@ -178,12 +178,20 @@ class FamilyConfig:
     )
     data: tuple[str, ...] = option(
         (),
-        "corpus: .txt/.md/.jsonl files, folders, globs (default: the pydoc_data.topics "
-        "help pages shipped with Python)",
+        "corpus: files (any name: text, or .parquet/.arrow/.csv/.json/.jsonl tables), "
+        "folders, globs, saved datasets (default: the pydoc_data.topics help pages shipped "
+        "with Python)",
         commands=ALL,
         recipe=True,
         many=True,
         metavar="PATH",
+    )
+    text_column: str = option(
+        "text",
+        "the column holding the text in table data (.parquet, .arrow, .csv, .json, .jsonl, "
+        "saved datasets)",
+        commands=ALL,
+        recipe=True,
     )
     out: str = option("family", "output directory of the family")
     method: str = option(

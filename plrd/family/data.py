@@ -1,9 +1,5 @@
-"""Corpus reading, tokenizing, packing and the train / held-out split.
-
-Documents come from files (``.txt``, ``.md``: the file split into paragraph groups of about
-``doc_chars`` characters; ``.jsonl``: one document per line's ``text`` field), folders (searched
-recursively for those suffixes) or glob patterns. Without paths, the default corpus is text that
-ships with Python: the ``pydoc_data.topics`` help pages (79 documents, ~465K characters).
+"""A corpus: documents (``plrd.family.sources``) tokenized, split into training and held-out
+sides, and packed into blocks; the stream of training batches.
 
 The split is by DOCUMENT and does not depend on the seed: documents are ordered by the SHA-256
 of their text and taken into the held-out set until it holds ``held_out_fraction`` of all
@@ -13,151 +9,15 @@ non-overlapping blocks of ``block_size`` tokens (the tail shorter than a block i
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from plrd.errors import InputError
-
-TEXT_SUFFIXES = (".txt", ".md")
-JSONL_SUFFIXES = (".jsonl",)
-SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
-DEFAULT_DOC_CHARS = 4000
-
-
-def default_documents() -> list[str]:
-    """The default corpus: the ``pydoc_data.topics`` help pages shipped with Python."""
-    from pydoc_data.topics import topics
-
-    return [topics[key] for key in sorted(topics) if topics[key].strip()]
-
-
-def expand_paths(paths: Sequence[str]) -> list[Path]:
-    """Files named by ``paths`` (files, folders searched recursively, glob patterns), sorted.
-
-    Raises InputError naming the first path that matches nothing or has an unknown suffix.
-    """
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if any(ch in raw for ch in "*?["):
-            matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(raw), recursive=True))]
-            found = [m for m in matches if m.is_file() and m.suffix.lower() in SUFFIXES]
-            if not found:
-                raise InputError(
-                    f"data pattern {raw} matches no {'/'.join(SUFFIXES)} file; check the pattern"
-                )
-            files.extend(found)
-        elif path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
-            )
-            if not found:
-                raise InputError(f"data folder {raw} holds no {'/'.join(SUFFIXES)} file")
-            files.extend(found)
-        elif path.is_file():
-            if path.suffix.lower() not in SUFFIXES:
-                raise InputError(
-                    f"data file {raw} has suffix '{path.suffix}'; supported: {', '.join(SUFFIXES)}"
-                )
-            files.append(path)
-        else:
-            raise InputError(f"data path {raw} does not exist")
-    seen: set[Path] = set()
-    unique = []
-    for f in files:
-        key = f.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    return unique
-
-
-def split_paragraphs(text: str, doc_chars: int = DEFAULT_DOC_CHARS) -> list[str]:
-    """Cut ``text`` at blank lines into consecutive pieces of at least ``doc_chars`` characters.
-
-    The last piece takes any remainder shorter than ``doc_chars``; empty text gives no piece.
-    """
-    paragraphs = [p for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
-    docs: list[str] = []
-    current: list[str] = []
-    size = 0
-    for p in paragraphs:
-        current.append(p)
-        size += len(p) + 2
-        if size >= doc_chars:
-            docs.append("\n\n".join(current))
-            current, size = [], 0
-    if current:
-        if docs and size < doc_chars // 2:
-            docs[-1] = docs[-1] + "\n\n" + "\n\n".join(current)
-        else:
-            docs.append("\n\n".join(current))
-    return docs
-
-
-def read_documents(files: Iterable[Path], doc_chars: int = DEFAULT_DOC_CHARS) -> list[str]:
-    """The documents in ``files`` (see the module docstring for how each suffix is read)."""
-    docs: list[str] = []
-    for f in files:
-        try:
-            docs.extend(_read_file(f, doc_chars))
-        except OSError as err:
-            raise InputError(
-                f"data file {f} cannot be read ({err.strerror or type(err).__name__}); check "
-                "that it exists and that you may read it"
-            ) from None
-        except UnicodeDecodeError as err:
-            raise InputError(
-                f"data file {f} is not UTF-8 text ({err.reason} at byte {err.start}); "
-                "convert it to UTF-8"
-            ) from None
-    return docs
-
-
-def _read_file(f: Path, doc_chars: int) -> list[str]:
-    """The documents of one file: a ``.jsonl`` record's ``text`` each, else paragraph groups."""
-    text = f.read_text(encoding="utf-8")
-    if "\x00" in text:
-        raise InputError(
-            f"data file {f} is not text (it holds NUL bytes, like a binary file); pass UTF-8 "
-            "text files"
-        )
-    if f.suffix.lower() not in JSONL_SUFFIXES:
-        return split_paragraphs(text, doc_chars)
-    docs: list[str] = []
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{f}:{lineno} is not valid JSON ({err.msg})") from None
-        field = record.get("text") if isinstance(record, dict) else None
-        if not isinstance(field, str):
-            raise InputError(f"{f}:{lineno} has no string 'text' field")
-        if field.strip():
-            docs.append(field)
-    return docs
-
-
-def load_documents(paths: Sequence[str] | None, doc_chars: int = DEFAULT_DOC_CHARS) -> list[str]:
-    """Documents from ``paths``, or the default corpus when ``paths`` is empty or None."""
-    if not paths:
-        return default_documents()
-    files = expand_paths(paths)
-    docs = read_documents(files, doc_chars)
-    if not docs:
-        raise InputError(f"the corpus is empty: no text in {', '.join(map(str, files))}")
-    return docs
 
 
 def document_key(text: str) -> str:

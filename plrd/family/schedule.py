@@ -66,7 +66,9 @@ def build_family(
     """Build (or resume) the family described by ``cfg``; return its record (family.json)."""
     cfg.validate()
     main = distributed.is_main()  # under torchrun: only rank 0 writes files and prints
-    documents, device = check_inputs(cfg.data, cfg.model, cfg.device, cfg.out if main else None)
+    documents, device = check_inputs(
+        cfg.data, cfg.text_column, cfg.model, cfg.device, cfg.out if main else None
+    )
     device = distributed.init(device)
     run = open_family(cfg, documents, device, say if main else _silent, on_step)
     previous = Previous()

@@ -7,13 +7,11 @@ import json
 import pytest
 import torch
 
-from plrd.family.data import (
-    BlockStream,
-    build_corpus,
+from plrd.family.data import BlockStream, build_corpus, pack
+from plrd.family.sources import (
     default_documents,
     expand_paths,
     load_documents,
-    pack,
     split_paragraphs,
 )
 
@@ -39,7 +37,7 @@ def test_reads_txt_md_jsonl_folders_and_globs(corpus_dir):
     "name, content, message",
     [
         ("missing", None, "does not exist"),
-        ("notes.csv", "a,b", "suffix"),
+        ("notes.csv", "a,b\n1,2\n", "no column 'text'"),
         ("bad.jsonl", "{not json}\n", "not valid JSON"),
         ("notext.jsonl", json.dumps({"body": "x"}) + "\n", "'text' field"),
     ],

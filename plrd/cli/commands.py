@@ -47,7 +47,7 @@ def run_decompose(args: argparse.Namespace) -> dict:
     """Decompose ``--model`` to ``--size`` × its parameters; save a member to ``--out``."""
     cfg = config_from_args(args)
     cfg.validate()
-    documents, device = check_inputs(cfg.data, cfg.text_column, cfg.model, cfg.device, args.out)
+    documents, device = check_inputs(cfg, args.out)
     tokenizer = load_tokenizer(cfg.model)
     corpus = build_corpus(documents, tokenizer, cfg.seq_len, cfg.held_out_fraction)
     torch.manual_seed(cfg.seed)

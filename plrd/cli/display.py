@@ -21,29 +21,28 @@ def _columns(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _figure(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def format_table(record: dict) -> str:
     """The family as a text table: one row for the parent, one per finished member."""
     parent = record["parent"]
     threads = record.get("evaluation", {}).get("threads")
     speed = f"tok/s ({threads} threads)" if threads else "tok/s"
+    header = ("member", "params", "% parent", "tokens", "zero-shot ppl", "held-out ppl")
+    header += ("general ppl", "KL to parent", speed, "seconds")
     rows = [
-        (
-            "member",
-            "params",
-            "% parent",
-            "tokens",
-            "zero-shot ppl",
-            "held-out ppl",
-            speed,
-            "seconds",
-        ),
+        header,
         (
             f"parent ({parent['name']})",
             format_params(parent["params"]),
             "100.0",
             "-",
             "-",
-            f"{parent['held_out_ppl']:.2f}",
+            _figure(parent["held_out_ppl"]),
+            _figure(parent.get("general_ppl")),
+            "0",
             f"{parent['tokens_per_s']:.0f}",
             "-",
         ),
@@ -55,8 +54,10 @@ def format_table(record: dict) -> str:
                 format_params(m["params"]),
                 f"{100 * m['params'] / parent['params']:.1f}",
                 f"{m['tokens']:,}",
-                f"{m['zero_shot_ppl']:.2f}",
-                f"{m['held_out_ppl']:.2f}",
+                _figure(m["zero_shot_ppl"]),
+                _figure(m["held_out_ppl"]),
+                _figure(m.get("general_ppl")),
+                _figure(m.get("kl_to_parent"), 3),
                 f"{m['tokens_per_s']:.0f}",
                 f"{m['seconds']:.0f}",
             )

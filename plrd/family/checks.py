@@ -11,8 +11,10 @@ from plrd.core.counting import count_parameters
 from plrd.core.ranks import LayerSpec, min_weight_params
 from plrd.core.targets import find_targets, is_lowrank, layer_shape, linear_layers
 from plrd.errors import ConfigError, InputError
+from plrd.family.config import FamilyConfig
 from plrd.family.device import resolve_device
-from plrd.family.sources import load_documents
+from plrd.family.run_data import read_text_documents
+from plrd.family.sources import expand_paths
 from plrd.io.atomic import check_writable_dir
 from plrd.io.models import ALIASES, find_smollm2_gguf, resolve_model
 
@@ -37,14 +39,15 @@ def check_model_source(name: str) -> None:
         ) from None
 
 
-def check_inputs(
-    data: Sequence[str], text_column: str, model: str, device: str, out: str | None
-) -> tuple[list[str], torch.device]:
-    """Read the documents, find the model, resolve the device and try the output directory,
-    in that order (the cheapest first); returns ``(documents, device)`` for the run to use."""
-    documents = load_documents(data, text_column)
-    check_model_source(model)
-    resolved = resolve_device(device)
+def check_inputs(cfg: FamilyConfig, out: str | None) -> tuple[list[str], torch.device]:
+    """Read the text corpus, check the general set's paths, find the model, resolve the device
+    and try the output directory, in that order (the cheapest first); returns
+    ``(text documents, device)`` for the run to use."""
+    documents = read_text_documents(cfg)
+    if cfg.eval_data:
+        expand_paths(cfg.eval_data)
+    check_model_source(cfg.model)
+    resolved = resolve_device(cfg.device)
     if out is not None:
         check_writable_dir(out, "out")
     return documents, resolved

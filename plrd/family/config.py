@@ -179,8 +179,27 @@ class FamilyConfig:
     data: tuple[str, ...] = option(
         (),
         "corpus: files (any name: text, or .parquet/.arrow/.csv/.json/.jsonl tables), "
-        "folders, globs, saved datasets (default: the pydoc_data.topics help pages shipped "
-        "with Python)",
+        "folders, globs, saved datasets, and 'self' for text written by the parent "
+        "(--self-tokens of it, cached); default: the pydoc_data.topics help pages shipped "
+        "with Python",
+        commands=ALL,
+        recipe=True,
+        many=True,
+        metavar="PATH",
+    )
+    self_tokens: int = option(
+        32768,
+        "tokens of parent-written text to train on when --data includes self (generated once "
+        "per parent and seed, cached, shared by every stage)",
+        check=AtLeast(1),
+        commands=BUILDS,
+        recipe=True,
+        parse=parse_count,
+    )
+    eval_data: tuple[str, ...] = option(
+        (),
+        "general text never trained on, for general_ppl and kl_to_parent: files, folders, "
+        "globs, tables (default: held-out text written by the parent)",
         commands=ALL,
         recipe=True,
         many=True,

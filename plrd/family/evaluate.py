@@ -118,6 +118,73 @@ def evaluate(
     )
 
 
+@dataclass
+class GeneralResult:
+    """Quality on general text: ``ppl`` = exp(``nll``) over its predicted tokens, and
+    ``kl_to_parent``, the mean over its token positions of KL(p_parent ‖ p_model)."""
+
+    ppl: float
+    nll: float
+    kl_to_parent: float
+    tokens: int
+
+
+def kl_sum(logits: Tensor, parent_logits: Tensor) -> Tensor:
+    """Σ over positions of KL(softmax(parent) ‖ softmax(logits)); both [B, T, V]."""
+    v = logits.shape[-1]
+    log_q = F.log_softmax(logits.float().reshape(-1, v), dim=-1)
+    log_p = F.log_softmax(parent_logits.float().reshape(-1, v), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum()
+
+
+@torch.inference_mode()
+def general_sums(
+    model: torch.nn.Module, parent: torch.nn.Module, blocks: Tensor, batch_size: int = 4
+) -> Tensor:
+    """float64 [nll sum, predicted tokens, KL sum, positions] of ``model`` on ``blocks``."""
+    device = model_device(model)
+    sums = torch.zeros(4, dtype=torch.float64)
+    for i in range(0, len(blocks), batch_size):
+        batch = blocks[i : i + batch_size].to(device)
+        with autocast_for(device):
+            logits = model(input_ids=batch, use_cache=False).logits
+            reference = parent(input_ids=batch, use_cache=False).logits
+        b, t = batch.shape
+        sums += torch.tensor(
+            [
+                float(next_token_nll(logits, batch)),
+                b * (t - 1),
+                float(kl_sum(logits, reference)),
+                b * t,
+            ],
+            dtype=torch.float64,
+        )
+    return sums
+
+
+def evaluate_general(
+    model: torch.nn.Module, parent: torch.nn.Module, blocks: Tensor, batch_size: int = 4
+) -> GeneralResult:
+    """Perplexity and KL to the parent on general text ``blocks`` [N, T]; split over the
+    data-parallel ranks when there are several (the sums are all-reduced)."""
+    was_training = model.training
+    model.eval()
+    try:
+        mine = distributed.shard(blocks) if distributed.is_distributed() else blocks
+        sums = general_sums(model, parent, mine, batch_size) if len(mine) else torch.zeros(4)
+    finally:
+        model.train(was_training)
+    if distributed.is_distributed():
+        sums = distributed.all_reduce(sums.double().to(model_device(model))).cpu()
+    nll = float(sums[0] / sums[1])
+    return GeneralResult(
+        ppl=math.exp(min(nll, 700.0)),
+        nll=nll,
+        kl_to_parent=float(sums[2] / sums[3]),
+        tokens=int(blocks.numel()),
+    )
+
+
 def evaluate_sharded(
     model: torch.nn.Module,
     blocks: Tensor,

@@ -87,13 +87,11 @@ def add_member(record: dict, entry: dict) -> None:
     record["members"] = sorted(members, key=lambda m: -m["size"])
 
 
-def check_resumable(record: dict, cfg: FamilyConfig, fingerprint: str) -> None:
-    """Refuse to continue a family built with another recipe, corpus, or first sizes."""
+def check_recipe(record: dict, cfg: FamilyConfig) -> None:
+    """Refuse to continue a family built with another recipe or other first sizes."""
     old = record.get("config", {})
     new = cfg.recipe()
     diff = [k for k in new if k in old and k != "data" and old[k] != new[k]]
-    if record.get("corpus", {}).get("fingerprint") != fingerprint:
-        diff.append("data (the corpus text changed)")
     if diff:
         raise InputError(
             f"{cfg.out} holds a family built with other settings ({', '.join(diff)}); "
@@ -104,6 +102,15 @@ def check_resumable(record: dict, cfg: FamilyConfig, fingerprint: str) -> None:
         raise InputError(
             f"{cfg.out} already holds members of sizes {','.join(f'{s:g}' for s in done)}; "
             "the sizes must start with them to resume, or choose a new output directory"
+        )
+
+
+def check_corpus(record: dict, cfg: FamilyConfig, fingerprint: str) -> None:
+    """Refuse to continue a family whose training text changed (its fingerprint differs)."""
+    if record.get("corpus", {}).get("fingerprint") != fingerprint:
+        raise InputError(
+            f"{cfg.out} holds a family built with other settings (data (the corpus text "
+            "changed)); rerun with the same data to resume, or choose a new output directory"
         )
 
 
@@ -124,5 +131,14 @@ def verify_members(root: Path, record: dict) -> None:
         )
 
 
-def parent_entry(name: str, params: int, ppl: float, tokens_per_s: float) -> dict[str, Any]:
-    return {"name": name, "params": params, "held_out_ppl": ppl, "tokens_per_s": tokens_per_s}
+def parent_entry(
+    name: str, params: int, ppl: float, tokens_per_s: float, general_ppl: float
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "params": params,
+        "held_out_ppl": ppl,
+        "general_ppl": general_ppl,
+        "kl_to_parent": 0.0,
+        "tokens_per_s": tokens_per_s,
+    }

@@ -33,18 +33,19 @@ from plrd.core.counting import count_parameters, format_params
 from plrd.family import distributed
 from plrd.family.checks import check_inputs, check_model
 from plrd.family.config import FamilyConfig
-from plrd.family.data import build_corpus
-from plrd.family.evaluate import evaluate_sharded, throughput_note
+from plrd.family.evaluate import evaluate_general, evaluate_sharded, throughput_note
 from plrd.family.plot import plot_family
 from plrd.family.record import (
     PLOT_FILE,
-    check_resumable,
+    check_corpus,
+    check_recipe,
     corpus_info,
     new_record,
     parent_entry,
     read_record,
     write_record,
 )
+from plrd.family.run_data import RunData, assemble
 from plrd.family.stage import FamilyRun, Previous, run_stage
 from plrd.io.atomic import remove_stale_temporaries
 from plrd.io.models import load_model, load_tokenizer
@@ -66,9 +67,7 @@ def build_family(
     """Build (or resume) the family described by ``cfg``; return its record (family.json)."""
     cfg.validate()
     main = distributed.is_main()  # under torchrun: only rank 0 writes files and prints
-    documents, device = check_inputs(
-        cfg.data, cfg.text_column, cfg.model, cfg.device, cfg.out if main else None
-    )
+    documents, device = check_inputs(cfg, cfg.out if main else None)
     device = distributed.init(device)
     run = open_family(cfg, documents, device, say if main else _silent, on_step)
     previous = Previous()
@@ -86,31 +85,35 @@ def open_family(
     say: Callable[[str], None],
     on_step: Callable[[int], None] | None,
 ) -> FamilyRun:
-    """The corpus, the parent and the family's record (new, or read back to resume)."""
+    """The parent, the run's data and the family's record (new, or read back to resume)."""
     out = Path(cfg.out)
-    tokenizer = load_tokenizer(cfg.model)
-    corpus = build_corpus(documents, tokenizer, cfg.seq_len, cfg.held_out_fraction)
     # decisions that depend on files are rank 0's, taken before it writes anything
     record = distributed.broadcast(read_record(out) if distributed.is_main() else None)
     if record is not None:
-        check_resumable(record, cfg, corpus.fingerprint)
+        check_recipe(record, cfg)
+    tokenizer = load_tokenizer(cfg.model)
     parent, _, _ = load_model(cfg.model, device)
     check_model(parent, cfg.model, cfg.sizes, cfg.seq_len)
+    for p in parent.parameters():
+        p.requires_grad_(False)
+    data = assemble(cfg, documents, parent, tokenizer)
+    if record is not None:
+        check_corpus(record, cfg, data.corpus.fingerprint)
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         for d in (out, out / "members", out / "stages"):
             remove_stale_temporaries(d)
     torch.manual_seed(cfg.seed)
-    say(f"corpus: {corpus.summary()}")
-    for p in parent.parameters():
-        p.requires_grad_(False)
+    say(f"corpus: {data.corpus.summary()}")
+    say(f"general text: {data.general_source} ({data.general.numel():,} tokens)")
     run = FamilyRun(
         cfg=cfg,
         out=out,
         device=device,
-        corpus=corpus,
-        eval_blocks=corpus.eval_blocks(cfg.eval_tokens),
-        calib_blocks=corpus.calibration_blocks(cfg.calib_tokens, seed=cfg.seed),
+        corpus=data.corpus,
+        eval_blocks=data.corpus.eval_blocks(cfg.eval_tokens),
+        calib_blocks=data.corpus.calibration_blocks(cfg.calib_tokens, seed=cfg.seed),
+        general_blocks=data.general,
         tokenizer=tokenizer,
         parent=parent,
         parent_params=count_parameters(parent),
@@ -119,25 +122,33 @@ def open_family(
         on_step=on_step,
     )
     if record is None:
-        run.record = measure_parent(run)
+        run.record = measure_parent(run, data)
     else:
         run.record["config"]["sizes"] = list(cfg.sizes)
-    say(f"parent: held-out ppl {run.record['parent']['held_out_ppl']:.2f}")
+    parent_figures = run.record["parent"]
+    say(
+        f"parent: held-out ppl {parent_figures['held_out_ppl']:.2f}, general ppl "
+        f"{parent_figures['general_ppl']:.2f}"
+    )
     return run
 
 
-def measure_parent(run: FamilyRun) -> dict:
-    """The record of a new family: the parent measured on the held-out blocks; written."""
+def measure_parent(run: FamilyRun, data: RunData) -> dict:
+    """The record of a new family: the parent measured on the held-out and general blocks;
+    written."""
     cfg = run.cfg
     run.say(f"parent {cfg.model}: {format_params(run.parent_params)} parameters; held-out eval ...")
     ev = evaluate_sharded(run.parent, run.eval_blocks, cfg.eval_batch_size)
+    general = evaluate_general(run.parent, run.parent, run.general_blocks, cfg.eval_batch_size)
     world = distributed.world_size()
     record = new_record(
         cfg,
         corpus_info(
             run.corpus, cfg.data, int(run.eval_blocks.numel()), int(run.calib_blocks.numel())
-        ),
-        parent_entry(cfg.model, run.parent_params, ev.ppl, ev.tokens_per_s),
+        )
+        | {"general": data.general_source, "general_tokens": int(data.general.numel())}
+        | ({"self_text": data.self_text} if data.self_text else {}),
+        parent_entry(cfg.model, run.parent_params, ev.ppl, ev.tokens_per_s, general.ppl),
         throughput_note(ev, cfg.eval_batch_size, cfg.seq_len, run.device, world),
         {
             "eval_tokens": cfg.eval_tokens,

@@ -29,7 +29,7 @@ from plrd.errors import DamagedFileError
 from plrd.family import distributed
 from plrd.family.config import FamilyConfig
 from plrd.family.data import Corpus
-from plrd.family.evaluate import EvalResult, evaluate_sharded
+from plrd.family.evaluate import EvalResult, GeneralResult, evaluate_general, evaluate_sharded
 from plrd.family.record import add_member, member_path, size_key, write_record
 from plrd.family.train_state import checkpoint_dir, has_checkpoint, verify_state
 from plrd.family.trainer import Trainer, TrainResult
@@ -53,6 +53,7 @@ class FamilyRun:
     corpus: Corpus
     eval_blocks: Tensor
     calib_blocks: Tensor
+    general_blocks: Tensor
     tokenizer: Any
     parent: torch.nn.Module
     parent_params: int
@@ -134,11 +135,14 @@ def run_stage(run: FamilyRun, index: int, size: float, previous: Previous) -> Pr
     result = train(run, model, index, paths)
     after = time.perf_counter()
     trained = evaluate_sharded(model, run.eval_blocks, run.cfg.eval_batch_size)
-    entry = member_entry(run, model, paths, stage, result, trained, after)
+    general = evaluate_general(model, run.parent, run.general_blocks, run.cfg.eval_batch_size)
+    entry = member_entry(run, model, paths, stage, result, trained, general, after)
     save_and_record(run, model, paths, entry)
     run.say(
-        f"{paths.rel}: held-out ppl {stage['zero_shot_ppl']:.2f} -> {trained.ppl:.2f} after "
-        f"{result.tokens:,} tokens; {trained.tokens_per_s:.0f} tok/s"
+        f"{paths.rel}: after {result.tokens:,} tokens held-out ppl {stage['zero_shot_ppl']:.2f} "
+        f"-> {trained.ppl:.2f}, general ppl {stage['zero_shot_general_ppl']:.2f} -> "
+        f"{general.ppl:.2f}, KL to parent {general.kl_to_parent:.3f}; "
+        f"{trained.tokens_per_s:.0f} tok/s"
     )
     return Previous(paths.member_dir, model)
 
@@ -254,16 +258,20 @@ def decompose_stage(
     )
     distributed.on_main(write_text, paths.stage_dir / REPORT_FILE, f"{report}\n")
     zero = evaluate_sharded(model, run.eval_blocks, cfg.eval_batch_size, timing_repeats=0)
+    general = evaluate_general(model, run.parent, run.general_blocks, cfg.eval_batch_size)
     stage = {
         "size": paths.size,
         "keep": keep,
         "params": count_parameters(model),
         "zero_shot_ppl": zero.ppl,
+        "zero_shot_general_ppl": general.ppl,
+        "zero_shot_kl_to_parent": general.kl_to_parent,
         "prep_seconds": time.perf_counter() - started,
     }
     distributed.on_main(write_json, paths.stage_dir / STAGE_FILE, stage)
     run.say(
-        f"{paths.rel}: {format_params(stage['params'])} parameters, zero-shot ppl {zero.ppl:.2f}"
+        f"{paths.rel}: {format_params(stage['params'])} parameters, zero-shot held-out ppl "
+        f"{zero.ppl:.2f}, general ppl {general.ppl:.2f}, KL to parent {general.kl_to_parent:.3f}"
     )
     return stage
 
@@ -294,6 +302,7 @@ def member_entry(
     stage: dict,
     result: TrainResult,
     trained: EvalResult,
+    general: GeneralResult,
     after_training: float,
 ) -> dict:
     """The member's entry in family.json (its sha256 is added once it is saved)."""
@@ -305,6 +314,10 @@ def member_entry(
         "tokens": result.tokens,
         "zero_shot_ppl": stage["zero_shot_ppl"],
         "held_out_ppl": trained.ppl,
+        "zero_shot_general_ppl": stage["zero_shot_general_ppl"],
+        "general_ppl": general.ppl,
+        "zero_shot_kl_to_parent": stage["zero_shot_kl_to_parent"],
+        "kl_to_parent": general.kl_to_parent,
         "tokens_per_s": trained.tokens_per_s,
         "seconds": round(seconds, 1),
         "train_seconds": result.seconds,

@@ -66,6 +66,13 @@ def build_model_dir(path: Path, texts: list[str]) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch) -> None:
+    """Converted models and parent-written text go to a cache of this test session, not the
+    user's (``$PLRD_CACHE``); subprocesses inherit it."""
+    monkeypatch.setenv("PLRD_CACHE", str(tmp_path_factory.getbasetemp() / "plrd-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """Directory of a tiny random Llama + tokenizer (session-wide; treat as read-only)."""

@@ -16,11 +16,27 @@ from plrd.family.evaluate import evaluate
 
 def _manifest() -> dict:
     return {
-        "parent": {"name": "tiny", "params": 260_000, "held_out_ppl": 300.0},
+        "parent": {"name": "tiny", "params": 260_000, "held_out_ppl": 300.0, "general_ppl": 380.0},
         "config": {"tokens_per_stage": 384},
         "members": [
-            {"size": 0.8, "params": 206_400, "zero_shot_ppl": 340.0, "held_out_ppl": 290.0},
-            {"size": 0.65, "params": 170_200, "zero_shot_ppl": 400.0, "held_out_ppl": 310.0},
+            {
+                "size": 0.8,
+                "params": 206_400,
+                "zero_shot_ppl": 340.0,
+                "held_out_ppl": 290.0,
+                "zero_shot_general_ppl": 500.0,
+                "general_ppl": 420.0,
+                "kl_to_parent": 0.4,
+            },
+            {
+                "size": 0.65,
+                "params": 170_200,
+                "zero_shot_ppl": 400.0,
+                "held_out_ppl": 310.0,
+                "zero_shot_general_ppl": 700.0,
+                "general_ppl": 520.0,
+                "kl_to_parent": 0.6,
+            },
         ],
     }
 
@@ -32,13 +48,15 @@ def test_legend_covers_no_point_and_no_label():
     fig = draw_family(_manifest())
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
-    ax = fig.axes[0]
-    legend = ax.get_legend().get_window_extent(renderer)
-    for line in ax.get_lines():
-        for x, y in ax.transData.transform(line.get_xydata()):
-            assert not legend.contains(x, y), line.get_label()
-    for text in ax.texts:
-        assert not legend.overlaps(text.get_window_extent(renderer)), text.get_text()
+    assert len(fig.axes) == 2  # held-out and general perplexity
+    for ax in fig.axes:
+        legend = ax.get_legend().get_window_extent(renderer)
+        assert len(ax.get_lines()) == 3
+        for line in ax.get_lines():
+            for x, y in ax.transData.transform(line.get_xydata()):
+                assert not legend.contains(x, y), line.get_label()
+        for text in ax.texts:
+            assert not legend.overlaps(text.get_window_extent(renderer)), text.get_text()
 
 
 def test_parameter_counts_tell_close_sizes_apart():

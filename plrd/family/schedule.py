@@ -204,7 +204,8 @@ def check_model(
     ``seq_len``. Raises ValueError naming the model."""
     from plrd.core.counting import count_parameters
     from plrd.core.ranks import LayerSpec, min_weight_params
-    from plrd.core.targets import find_targets, is_lowrank, layer_shape, linear_layers
+    from plrd.core.kinds import is_lowrank, layer_shape
+    from plrd.core.targets import find_targets, linear_layers
 
     try:
         layers = find_targets(model)

@@ -36,7 +36,7 @@ from torch import nn
 
 from plrd.core.counting import count_parameters
 from plrd.core.layer import LowRankLinear
-from plrd.core.targets import is_linear_like, is_lowrank, layer_shape, set_submodule
+from plrd.core.kinds import is_linear_like, is_lowrank, layer_shape, set_submodule
 from plrd.io.atomic import atomic_path, write_json
 from plrd.io.integrity import (
     check_record,

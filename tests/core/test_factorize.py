@@ -6,8 +6,7 @@ import torch
 from plrd.core.factorize import (
     break_even_rank,
     cholesky_factor,
-    lowrank_singular_values,
-    singular_values,
+    lowrank_spectral_factors,
     svd_factors,
     truncate_factors,
     whitened_svd_factors,
@@ -24,6 +23,11 @@ def _correlated_inputs(n: int, dim: int, seed: int = 0) -> torch.Tensor:
 
 def _weight(out: int, inp: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(out, inp, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _whitened_sigma(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Reference: descending σ of W·L with G = L Lᵀ (G positive definite)."""
+    return torch.linalg.svdvals(weight @ torch.linalg.cholesky(gram))
 
 
 def test_break_even_rank():
@@ -49,7 +53,7 @@ def test_whitened_factors_reach_whitened_optimum_and_beat_plain_svd():
         (up, down), ridge = whitened_svd_factors(weight, rank, gram)
         assert ridge == 0.0
         whitened_error = ((x @ (weight - up @ down).T) ** 2).sum()
-        sigma, _ = singular_values(weight, gram)
+        sigma = _whitened_sigma(weight, gram)
         assert torch.allclose(whitened_error, (sigma[rank:] ** 2).sum(), rtol=1e-6)
         plain_up, plain_down = svd_factors(weight, rank)
         plain_error = ((x @ (weight - plain_up @ plain_down).T) ** 2).sum()
@@ -64,7 +68,9 @@ def test_truncate_equals_dense_optimum():
     assert torch.allclose(up @ down, _dense_rank_k(product, 5), atol=1e-9)
     error = torch.linalg.matrix_norm(product - up @ down) ** 2
     assert torch.allclose(error, (sigma[5:] ** 2).sum(), rtol=1e-9)
-    assert torch.allclose(lowrank_singular_values(up0, down0)[0], sigma[:12], rtol=1e-9)
+    core_sigma, no_up, no_down = lowrank_spectral_factors(up0, down0, 0)  # QR core, no dense SVD
+    assert torch.allclose(core_sigma, sigma[:12], rtol=1e-9)
+    assert no_up.shape == (50, 0) and no_down.shape == (0, 40)
 
 
 def test_whitened_truncate_equals_whitened_dense_optimum():

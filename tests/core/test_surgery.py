@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import plrd
-from plrd.core.targets import as_linear, find_targets, head_names
+from plrd.core.kinds import as_linear
+from plrd.core.targets import find_targets, head_names
 from tests.tiny_models import TINY_MODELS, tiny_bert, tiny_gpt2, tiny_llama, token_batches
 
 KEEP = 0.55

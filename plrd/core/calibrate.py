@@ -64,12 +64,10 @@ class _Input:
         may change a tensor in place (``x.mul_(2)``) between two layers reading it. Without a
         counter (inference tensors) nothing can be proven, so nothing is shared.
         """
-        y = self.tensor
-        if x is y:
-            return True
         if self.version is None or _version(x) != self.version:
             return False
-        return (
+        y = self.tensor
+        return x is y or (
             x.device == y.device
             and x.dtype == y.dtype
             and x.shape == y.shape

@@ -17,9 +17,9 @@ from plrd.family.schedule import (
     format_table,
     resolve_device,
     verify_family,
-    verify_member,
 )
 from plrd.io.atomic import read_json
+from plrd.io.members import verify_member
 
 
 def _corpus(args: argparse.Namespace, tokenizer):
@@ -33,7 +33,8 @@ def run_decompose(args: argparse.Namespace) -> dict:
     """Decompose ``--model`` to ``--size`` × its parameters; save a member to ``--out``."""
     from plrd.family.evaluate import evaluate
     from plrd.family.schedule import grams_and_decompose
-    from plrd.io.models import load_model, load_tokenizer, save_member
+    from plrd.io.members import save_member
+    from plrd.io.models import load_model, load_tokenizer
 
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model)
@@ -68,7 +69,7 @@ def run_decompose(args: argparse.Namespace) -> dict:
         ev = evaluate(model, corpus.eval_blocks(args.eval_tokens), args.eval_batch_size)
         entry |= {"zero_shot_ppl": ev.ppl, "tokens_per_s": ev.tokens_per_s}
     entry["seconds"] = round(time.perf_counter() - started, 1)
-    save_member(model, tokenizer, args.out, extra=entry, files={"decompose.txt": f"{report}\n"})
+    save_member(model, tokenizer, args.out, metrics=entry, files={"decompose.txt": f"{report}\n"})
     summary = f"{args.out}: {format_params(before)} -> {format_params(entry['params'])} parameters"
     if "zero_shot_ppl" in entry:
         summary += f", held-out ppl {entry['zero_shot_ppl']:.2f}"
@@ -107,9 +108,7 @@ def _eval_targets(root: Path, args: argparse.Namespace) -> tuple[list[tuple[str,
         verify_family(root, manifest)
         return targets, manifest
     if (root / "plrd.json").is_file():
-        _, problem = verify_member(root)
-        if problem is not None:
-            raise ValueError(problem)
+        verify_member(root)
     return [(args.dir, args.dir)], {}
 
 

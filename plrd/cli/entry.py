@@ -359,7 +359,7 @@ def _precheck(args: argparse.Namespace) -> None:
         resolve_device(args.device)
     out = getattr(args, "out", None)
     if out is not None and distributed.is_main():  # under torchrun rank 0 alone writes
-        check_writable_dir(out)
+        check_writable_dir(out, "--out")
 
 
 def _check_config(name: str, resolved: str) -> None:

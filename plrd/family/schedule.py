@@ -203,8 +203,8 @@ def check_model(
     parameters) even at rank 1 in every targeted layer, or whose context is shorter than
     ``seq_len``. Raises ValueError naming the model."""
     from plrd.core.counting import count_parameters
-    from plrd.core.ranks import LayerSpec, min_weight_params
     from plrd.core.kinds import is_lowrank, layer_shape
+    from plrd.core.ranks import LayerSpec, min_weight_params
     from plrd.core.targets import find_targets, linear_layers
 
     try:
@@ -378,30 +378,16 @@ def _check_resumable(manifest: dict, cfg: FamilyConfig, corpus: Corpus) -> None:
         )
 
 
-def verify_member(member_dir: Path, entry: dict | None = None) -> tuple[str | None, str | None]:
-    """``(sha256, None)`` when the member in ``member_dir`` checks out, else ``(None, why)``.
-
-    Checks ``plrd.json``, the structure, size and SHA-256 of ``model.safetensors`` against it
-    (``plrd.io.checkpoint.verify_checkpoint``), and the SHA-256 that ``family.json`` recorded for
-    the member (``entry["sha256"]``, when present) too.
-    """
-    from plrd.io.checkpoint import verify_checkpoint, weights_checksum
-
-    try:
-        info = verify_checkpoint(member_dir, sha256=(entry or {}).get("sha256"))
-        digest = (info.get("weights") or {}).get("sha256") or weights_checksum(member_dir)
-    except ValueError as err:
-        return None, str(err).splitlines()[0]
-    return digest, None
-
-
 def verify_family(root: Path, manifest: dict) -> None:
     """Verify every finished member listed in ``manifest``; ValueError naming the first bad one."""
+    from plrd.io.members import verify_member
+
     problems = []
     for m in manifest.get("members", []):
-        _, problem = verify_member(root / m["path"], m)
-        if problem is not None:
-            problems.append(f"{m['path']}: {problem}")
+        try:
+            verify_member(root / m["path"], m.get("sha256"))
+        except ValueError as err:
+            problems.append(f"{m['path']}: {err}")
     if problems:
         more = f" (and {len(problems) - 1} more damaged member(s))" if len(problems) > 1 else ""
         raise ValueError(
@@ -488,13 +474,9 @@ def build_family(
 ) -> dict:
     """Build (or resume) the family described by ``cfg``; return the manifest (family.json)."""
     from plrd.core.counting import count_parameters
-    from plrd.io.models import (
-        _empty_model,
-        load_model,
-        load_pretrained,
-        load_tokenizer,
-        save_member,
-    )
+    from plrd.io.hf import empty_model
+    from plrd.io.members import load_pretrained, save_member, verify_member
+    from plrd.io.models import load_model, load_tokenizer
 
     cfg.validate()
     out = Path(cfg.out)
@@ -567,7 +549,10 @@ def build_family(
         if main and (known is not None or (member_dir / "member.json").is_file()):
             # finished earlier (or saved just before its family.json entry): trusted only if
             # its files check out; a damaged member is rebuilt, replacing it atomically
-            digest, problem = verify_member(member_dir, known)
+            try:
+                digest, problem = verify_member(member_dir, (known or {}).get("sha256")), None
+            except ValueError as err:
+                digest, problem = None, str(err)
             saved = known or (read_json(member_dir / "member.json") if problem is None else None)
             check = (digest, problem, saved)
         check = distributed.broadcast(check)
@@ -597,7 +582,7 @@ def build_family(
             from plrd.io.checkpoint import load
 
             stage = read_json(stage_file)
-            model = load(checkpoint_dir(stage_dir), _empty_model(parent.config)).to(device)
+            model = load(checkpoint_dir(stage_dir), empty_model(parent.config)).to(device)
             say(f"{rel}: resuming the interrupted stage from its last checkpoint")
         distributed.barrier()  # every rank has read the checkpoint before rank 0 changes files
         if model is None:
@@ -677,8 +662,11 @@ def build_family(
             extra_files = {}
             if (stage_dir / "decompose.txt").is_file():
                 extra_files["decompose.txt"] = (stage_dir / "decompose.txt").read_text()
-            save_member(model, tokenizer, member_dir, extra=entry, files=extra_files)
-            saved = verify_member(member_dir)
+            save_member(model, tokenizer, member_dir, metrics=entry, files=extra_files)
+            try:
+                saved = verify_member(member_dir), None
+            except ValueError as err:
+                saved = None, str(err)
         entry["sha256"], problem = distributed.broadcast(saved)
         if problem is not None:
             raise ValueError(f"{rel} was saved but does not read back: {problem}")

@@ -15,8 +15,8 @@ from torch import nn
 import plrd
 from plrd import LowRankLinear
 from plrd.core.factorize import break_even_rank
-from plrd.core.ranks import LayerSpec
 from plrd.core.kinds import layer_shape
+from plrd.core.ranks import LayerSpec
 from plrd.core.targets import find_targets
 from tests.tiny_models import tiny_llama, token_batches
 

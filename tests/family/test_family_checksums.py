@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from plrd.cli.entry import EXIT_USAGE, main
-from plrd.family.schedule import build_family, verify_member
+from plrd.family.schedule import build_family
 from plrd.family.train import STATE_TENSORS, checkpoint_dir
 from plrd.io.checkpoint import weights_checksum
+from plrd.io.members import verify_member
 
 
 class Stop(Exception):
@@ -83,7 +84,7 @@ def test_a_swapped_member_is_caught_by_the_family_checksum(family, capsys):
     # a self-consistent member directory (weights match its own plrd.json) in the wrong place
     shutil.rmtree(members / "size-0.90")
     shutil.copytree(members / "size-0.80", members / "size-0.90")
-    assert verify_member(members / "size-0.90")[1] is None
+    verify_member(members / "size-0.90")  # raises DamagedFileError if not self-consistent
     _one_line(capsys, ["info", str(Path(cfg.out))], "size-0.90", "checksum mismatch")
 
 
@@ -99,7 +100,8 @@ def test_resume_rebuilds_a_damaged_member(family, make_config):
     assert any("size-0.80: finished earlier, skipped" in m for m in messages)
     assert [m["size"] for m in again["members"]] == [0.9, 0.8]
     rebuilt = out / "members" / "size-0.90"
-    assert verify_member(rebuilt, again["members"][0])[1] is None
+    sha256 = again["members"][0]["sha256"]
+    assert verify_member(rebuilt, sha256) == sha256
     assert _same_tensors(rebuilt, pristine / "members" / "size-0.90")  # CPU: bit-identical
     assert again["members"][0]["params"] == manifest["members"][0]["params"]
 

@@ -10,14 +10,10 @@ from torch import nn
 import plrd
 from plrd.core.kinds import as_linear
 from plrd.core.targets import find_targets, head_names
+from tests.helpers import logits, snapshot, unchanged
 from tests.tiny_models import TINY_MODELS, tiny_bert, tiny_gpt2, tiny_llama, token_batches
 
 KEEP = 0.55
-
-
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(batch).logits
 
 
 def _lowrank(model):
@@ -36,7 +32,7 @@ def test_decompose_lands_on_target_then_truncates_further(arch, allocation):
     after = plrd.count_parameters(model)
     assert report.params_before == before and report.params_after == after
     assert abs(after - KEEP * before) <= 0.01 * KEEP * before
-    assert torch.isfinite(_logits(model, batches[0])).all()
+    assert torch.isfinite(logits(model, batches[0])).all()
     first = {n: m.rank for n, m in _lowrank(model).items()}
     assert len(first) >= len(report.layers) // 2
     assert not any(n.endswith(("lm_head", "decoder")) for n in first)
@@ -49,7 +45,7 @@ def test_decompose_lands_on_target_then_truncates_further(arch, allocation):
     ranks = {n: m.rank for n, m in _lowrank(model).items()}
     assert all(ranks[n] <= r for n, r in first.items())  # truncated, never grown
     assert any(ranks[n] < r for n, r in first.items())
-    assert torch.isfinite(_logits(model, batches[0])).all()
+    assert torch.isfinite(logits(model, batches[0])).all()
 
 
 def test_svd_method_needs_no_grams_and_whiten_beats_it_on_calibration_error():
@@ -154,15 +150,6 @@ def test_report_table_and_dict():
     assert "model.layers.0.mlp.down_proj" in report.ridges
 
 
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _unchanged(model, state):
-    now = model.state_dict()
-    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
-
-
 @pytest.mark.parametrize("keep", [0.0, -0.5, 1.5, float("nan"), True, "0.5"])
 def test_bad_keep(keep):
     model = tiny_llama()
@@ -172,7 +159,7 @@ def test_bad_keep(keep):
 
 def test_unreachable_keep_names_the_minimum():
     model = tiny_llama()
-    state = _state(model)
+    state = snapshot(model)
     layers = find_targets(model).values()
     weights = sum(m.in_features * m.out_features for m in layers)
     smallest = (
@@ -181,7 +168,7 @@ def test_unreachable_keep_names_the_minimum():
     minimum = f"{smallest / plrd.count_parameters(model):.4f}"
     with pytest.raises(ValueError, match=f"smallest reachable keep is {minimum}"):
         plrd.decompose(model, 0.05, method="svd", progress=False)
-    assert _unchanged(model, state)
+    assert unchanged(model, state)
     report = plrd.decompose(model, float(minimum) + 1e-4, method="svd", progress=False)
     assert {c.rank_after for c in report.layers} == {1}
 
@@ -203,7 +190,7 @@ def test_non_finite_weight_names_the_layer_and_leaves_model_untouched():
     model = tiny_llama()
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
-    state = _state(model)
+    state = snapshot(model)
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj.*non-finite"):
         plrd.decompose(model, 0.5, method="svd", progress=False)
     assert all(

@@ -11,17 +11,8 @@ from torch import nn
 import plrd
 from plrd import LowRankLinear
 from plrd.core.factorize import cholesky_factor
+from tests.helpers import snapshot, unchanged
 from tests.tiny_models import tiny_gpt2, tiny_llama, token_batches
-
-
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _unchanged(model, state):
-    now = model.state_dict()
-    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
-
 
 # --- LowRankLinear ----------------------------------------------------------------------------
 
@@ -161,12 +152,12 @@ def test_decompose_names_the_layer_of_a_bad_gram_and_leaves_model_untouched(corr
     grams = plrd.collect_grams(model, token_batches(), progress=False)
     grams = {name: gram.clone() for name, gram in grams.items()}
     corrupt(grams["model.layers.1.self_attn.o_proj"])
-    state = _state(model)
+    state = snapshot(model)
     with pytest.raises(
         ValueError, match=rf"layer 'model\.layers\.1\.self_attn\.o_proj'.*{message}"
     ):
         plrd.decompose(model, 0.5, grams=grams, progress=False)
-    assert _unchanged(model, state)
+    assert unchanged(model, state)
 
 
 def test_decompose_names_a_factored_layer_with_non_finite_factors():

@@ -11,34 +11,8 @@ from plrd.io import checkpoint
 from plrd.io.checkpoint import verify_checkpoint
 from plrd.io.info import INFO_FILE, WEIGHTS_FILE
 from plrd.io.integrity import read_safetensors_header, sha256_file
-from tests.tiny_models import tiny_llama, token_batches
-
-HF_CONFIG_FILES = {"config.json", "generation_config.json"}
-
-
-def _written(directory) -> list[str]:
-    """Files in a checkpoint directory besides the Hugging Face config plrd.save adds."""
-    return sorted(p.name for p in directory.iterdir() if p.name not in HF_CONFIG_FILES)
-
-
-def _decomposed(keep=0.6):
-    model = tiny_llama()
-    plrd.decompose(model, keep, method="svd", progress=False)
-    return model
-
-
-def _logits(model):
-    with torch.no_grad():
-        return model(token_batches(count=1)[0]).logits
-
-
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _unchanged(model, state):
-    now = model.state_dict()
-    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+from tests.helpers import decomposed, logits, snapshot, unchanged, written
+from tests.tiny_models import tiny_llama
 
 
 def _info(path):
@@ -51,7 +25,7 @@ def _write_info(path, info):
 
 @pytest.fixture
 def saved(tmp_path):
-    model = _decomposed()
+    model = decomposed()
     plrd.save(model, tmp_path)
     return tmp_path, model
 
@@ -68,7 +42,7 @@ def test_save_records_size_and_checksum(saved):
     assert plrd.weights_checksum(path) == record["sha256"]
     assert verify_checkpoint(path, sha256=record["sha256"].upper())["weights"] == record
     fresh = plrd.load(path, tiny_llama())
-    assert torch.equal(_logits(fresh), _logits(model))
+    assert torch.equal(logits(fresh), logits(model))
 
 
 def test_altered_byte_is_refused_unless_verify_is_off(saved):
@@ -78,15 +52,15 @@ def test_altered_byte_is_refused_unless_verify_is_off(saved):
     data[-5] ^= 0x40  # inside the last tensor's data: same size, valid header
     weights.write_bytes(bytes(data))
     fresh = tiny_llama()
-    state = _state(fresh)
+    state = snapshot(fresh)
     message = rf"{WEIGHTS_FILE}: checksum mismatch \(expected sha256 [0-9a-f]{{64}}, got [0-9a-f]"
     with pytest.raises(ValueError, match=message + ".*corrupt or was modified.*re-save"):
         plrd.load(path, fresh)
-    assert _unchanged(fresh, state)
+    assert unchanged(fresh, state)
     with pytest.raises(ValueError, match="checksum mismatch"):
         verify_checkpoint(path)
     plrd.load(path, fresh, verify=False)  # the caller takes responsibility
-    assert not torch.equal(_logits(fresh), _logits(model))
+    assert not torch.equal(logits(fresh), logits(model))
 
 
 def test_truncated_weights_are_named_as_truncated(saved):
@@ -95,11 +69,11 @@ def test_truncated_weights_are_named_as_truncated(saved):
     size = weights.stat().st_size
     weights.write_bytes(weights.read_bytes()[: size - 1000])
     fresh = tiny_llama()
-    state = _state(fresh)
+    state = snapshot(fresh)
     for verify in (True, False):  # the header check does not need the recorded digest
         with pytest.raises(ValueError, match=rf"{WEIGHTS_FILE}: the header describes .*truncated"):
             plrd.load(path, fresh, verify=verify)
-    assert _unchanged(fresh, state)
+    assert unchanged(fresh, state)
     weights.write_bytes(weights.read_bytes()[:5])
     with pytest.raises(ValueError, match=rf"{WEIGHTS_FILE}: 5 bytes is too short"):
         plrd.load(path, fresh)
@@ -127,8 +101,8 @@ def test_size_mismatch_reported_before_hashing(saved, monkeypatch):
 
 
 def test_weights_of_another_save_are_refused_with_the_layer_named(tmp_path):
-    plrd.save(_decomposed(0.6), tmp_path / "a")
-    plrd.save(_decomposed(0.8), tmp_path / "b")
+    plrd.save(decomposed(keep=0.6), tmp_path / "a")
+    plrd.save(decomposed(keep=0.8), tmp_path / "b")
     (tmp_path / "a" / WEIGHTS_FILE).write_bytes((tmp_path / "b" / WEIGHTS_FILE).read_bytes())
     with pytest.raises(ValueError, match="size mismatch .* longer than when it was written"):
         plrd.load(tmp_path / "a", tiny_llama())
@@ -141,7 +115,7 @@ def test_weights_of_another_save_are_refused_with_the_layer_named(tmp_path):
 def test_manifest_and_weights_disagree_on_which_layers_are_factored(tmp_path):
     dense = tiny_llama()
     plrd.save(dense, tmp_path / "dense")
-    plrd.save(_decomposed(), tmp_path / "factored")
+    plrd.save(decomposed(), tmp_path / "factored")
     info = _info(tmp_path / "factored")
     info["weights"] = _info(tmp_path / "dense")["weights"]
     _write_info(tmp_path / "dense", info)  # factored layers recorded, dense weights on disk
@@ -153,10 +127,10 @@ def test_manifest_and_weights_disagree_on_which_layers_are_factored(tmp_path):
     info["layers"] = []
     _write_info(tmp_path / "factored", info)
     model = tiny_llama()
-    state = _state(model)
+    state = snapshot(model)
     with pytest.raises(ValueError, match=rf"factored tensor .* {INFO_FILE} does not record"):
         plrd.load(tmp_path / "factored", model)
-    assert _unchanged(model, state)
+    assert unchanged(model, state)
 
 
 def test_parameter_count_mismatch_is_refused(saved):
@@ -209,11 +183,11 @@ def test_format_1_manifest_without_digest_still_loads(saved):
     _write_info(path, info)
     assert verify_checkpoint(path)["format_version"] == 1
     fresh = plrd.load(path, tiny_llama())
-    assert torch.equal(_logits(fresh), _logits(model))
+    assert torch.equal(logits(fresh), logits(model))
 
 
 def test_interrupted_save_never_leaves_a_manifest_for_other_weights(tmp_path, monkeypatch):
-    old = _decomposed(0.6)
+    old = decomposed(keep=0.6)
     plrd.save(old, tmp_path)
 
     def killed(*args, **kwargs):
@@ -222,16 +196,16 @@ def test_interrupted_save_never_leaves_a_manifest_for_other_weights(tmp_path, mo
     # killed while writing the weights: the old checkpoint is intact
     monkeypatch.setattr("safetensors.torch.save_model", killed)
     with pytest.raises(KeyboardInterrupt):
-        plrd.save(_decomposed(0.8), tmp_path)
+        plrd.save(decomposed(keep=0.8), tmp_path)
     monkeypatch.undo()
-    assert _written(tmp_path) == [WEIGHTS_FILE, INFO_FILE]
-    assert torch.equal(_logits(plrd.load(tmp_path, tiny_llama())), _logits(old))
+    assert written(tmp_path) == [WEIGHTS_FILE, INFO_FILE]
+    assert torch.equal(logits(plrd.load(tmp_path, tiny_llama())), logits(old))
 
     # killed after the new weights are in place, before the manifest: refused as incomplete
     monkeypatch.setattr(checkpoint, "write_json", killed)
     with pytest.raises(KeyboardInterrupt):
-        plrd.save(_decomposed(0.8), tmp_path)
-    assert _written(tmp_path) == [WEIGHTS_FILE]
+        plrd.save(decomposed(keep=0.8), tmp_path)
+    assert written(tmp_path) == [WEIGHTS_FILE]
     with pytest.raises(ValueError, match=rf"{INFO_FILE} not found beside .*interrupted"):
         plrd.load(tmp_path, tiny_llama())
 
@@ -265,11 +239,11 @@ def test_load_rejects_a_missing_directory_and_a_file_target(tmp_path):
 
 
 def test_load_pretrained_verifies_the_weights(tmp_path):
-    model = _decomposed()
+    model = decomposed()
     plrd.save(model, tmp_path)
     model.config.save_pretrained(tmp_path)
     loaded = plrd.load_pretrained(tmp_path)
-    assert torch.equal(_logits(loaded), _logits(model))
+    assert torch.equal(logits(loaded), logits(model))
     weights = tmp_path / WEIGHTS_FILE
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from plrd.core.budget import Budget
 from plrd.core.checks import check_finite, check_gram, check_weight
 from plrd.core.counting import count_parameters
 from plrd.core.factorize import (
@@ -38,7 +39,7 @@ from plrd.core.factorize import (
 )
 from plrd.core.kinds import dense_weight, is_lowrank, layer_shape, set_submodule
 from plrd.core.layer import LowRankLinear
-from plrd.core.ranks import LayerSpec, global_ranks, min_weight_params, uniform_ranks
+from plrd.core.ranks import global_ranks, uniform_ranks
 from plrd.core.report import DecompositionReport, LayerChange
 from plrd.core.targets import Patterns, find_targets
 from plrd.errors import InputError
@@ -46,7 +47,7 @@ from plrd.errors import InputError
 METHODS = ("whiten", "svd")
 ALLOCATIONS = ("uniform", "global")
 
-__all__ = ["decompose", "smallest_fraction", "DecompositionReport", "LayerChange"]
+__all__ = ["decompose", "DecompositionReport", "LayerChange"]
 
 
 # --- checks -----------------------------------------------------------------------------------
@@ -123,59 +124,6 @@ def _check_layers(
             if (id(gram), n_in) not in checked:
                 check_gram(gram, n_in, name)
                 checked.add((id(gram), n_in))
-
-
-# --- budget -----------------------------------------------------------------------------------
-
-
-def layer_spec(name: str, module: nn.Module) -> LayerSpec:
-    """The allocation's view of a linear-like layer: widths and current rank (None = dense)."""
-    n_in, n_out = layer_shape(module)
-    return LayerSpec(name, n_in, n_out, module.rank if is_lowrank(module) else None)
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Where the parameters of a model are, for a decomposition of its targeted layers.
-
-    ``total`` = N = ``count_parameters(model)``; ``specs`` = the targeted layers. Only their
-    weights move: ``fixed`` = N − Σ targeted weights (embeddings, norms, biases, untargeted
-    layers). The fewest parameters reachable, ``smallest``, is ``fixed`` + rank 1 in every
-    targeted layer (or the layer unchanged, where that is smaller).
-    """
-
-    total: int
-    specs: tuple[LayerSpec, ...]
-
-    @classmethod
-    def of(cls, model: nn.Module, layers: Mapping[str, nn.Module]) -> Budget:
-        specs = tuple(layer_spec(name, module) for name, module in layers.items())
-        return cls(count_parameters(model), specs)
-
-    @property
-    def fixed(self) -> int:
-        return self.total - sum(s.weight_params for s in self.specs)
-
-    @property
-    def smallest(self) -> int:
-        return self.fixed + min_weight_params(self.specs)
-
-    @property
-    def smallest_fraction(self) -> float:
-        """smallest / total: the lowest ``keep`` that can be reached."""
-        return self.smallest / self.total if self.total else 1.0
-
-
-def smallest_fraction(
-    model: nn.Module, targets: Patterns = None, exclude: Patterns = None
-) -> float:
-    """The lowest ``keep`` that :func:`decompose` can reach on ``model`` with these targets.
-
-    (N − Σ targeted weights + Σ rank-1 weights) / N, with N = ``count_parameters(model)`` and
-    a rank-1 layer of widths in, out holding in + out weights. Raises InputError as
-    ``find_targets`` does (no linear layer, a pattern matching nothing).
-    """
-    return Budget.of(model, find_targets(model, targets, exclude)).smallest_fraction
 
 
 def _check_reachable(keep: float, budget: Budget) -> int:
@@ -368,8 +316,9 @@ def decompose(
 
     Returns a :class:`DecompositionReport` (``print(report)`` shows a table). Raises
     ``InputError`` (a ``ValueError``) for a ``keep`` outside (0, 1] or below
-    :func:`smallest_fraction`, unknown method/allocation, missing or malformed Gram matrices,
-    or non-finite weights (naming the layer); the model is unchanged when it raises.
+    ``plrd.core.budget.smallest_fraction``, unknown method/allocation, missing or malformed
+    Gram matrices, or non-finite weights (naming the layer); the model is unchanged when it
+    raises.
     """
     keep = _check_arguments(model, keep, grams, method, allocation)
     layers = find_targets(model, targets, exclude)

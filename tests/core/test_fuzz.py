@@ -14,10 +14,10 @@ from torch import nn
 
 import plrd
 from plrd import LowRankLinear
+from plrd.core.budget import smallest_fraction
 from plrd.core.factorize import break_even_rank
 from plrd.core.kinds import layer_shape
 from plrd.core.ranks import LayerSpec
-from plrd.core.surgery import smallest_fraction
 from plrd.core.targets import find_targets
 from plrd.errors import InputError
 from tests.helpers import snapshot, unchanged

@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 import plrd
+from plrd.core.budget import smallest_fraction
 from plrd.core.kinds import as_linear
 from plrd.core.targets import find_targets, head_names
+from plrd.errors import InputError
 from tests.helpers import logits, snapshot, unchanged
 from tests.tiny_models import TINY_MODELS, tiny_bert, tiny_gpt2, tiny_llama, token_batches
 
@@ -165,8 +167,10 @@ def test_unreachable_keep_names_the_minimum():
     smallest = (
         plrd.count_parameters(model) - weights + sum(m.in_features + m.out_features for m in layers)
     )
+    assert smallest_fraction(model) == smallest / plrd.count_parameters(model)
+    assert smallest_fraction(model, targets="mlp.*") > smallest_fraction(model)
     minimum = f"{smallest / plrd.count_parameters(model):.4f}"
-    with pytest.raises(ValueError, match=f"smallest reachable keep is {minimum}"):
+    with pytest.raises(InputError, match=f"smallest reachable keep is {minimum}"):
         plrd.decompose(model, 0.05, method="svd", progress=False)
     assert unchanged(model, state)
     report = plrd.decompose(model, float(minimum) + 1e-4, method="svd", progress=False)

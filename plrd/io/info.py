@@ -150,7 +150,12 @@ def _check_version(path: Path, info: Any) -> int:
             f'{path}: not a plrd checkpoint info file (missing "format": "{FORMAT}"); {RESAVE}'
         )
     version = info.get("format_version")
-    if not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
+    if not _is_int(version) or version < 1:
+        raise DamagedFileError(
+            f"{path}: format_version {version!r} is not a format version (1, 2, ...); the file "
+            f"is damaged, {RESAVE}"
+        )
+    if version > FORMAT_VERSION:
         raise InputError(
             f"{path}: format_version {version!r} is not supported (this plrd reads up to "
             f"{FORMAT_VERSION}); upgrade plrd"

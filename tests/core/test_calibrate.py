@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import plrd
+from plrd.errors import InputError
 from tests.tiny_models import tiny_bert, tiny_gpt2, token_batches
 
 
@@ -201,11 +202,11 @@ def test_hooks_removed_on_error():
     with pytest.raises(RuntimeError, match="data loader failed"):
         plrd.collect_grams(model, batches(), progress=False)
     assert all(not m._forward_pre_hooks for m in model.modules())
-    with pytest.raises(ValueError, match="no batches"):
+    with pytest.raises(InputError, match="no batches"):
         plrd.collect_grams(model, [], progress=False)
     assert all(not m._forward_pre_hooks for m in model.modules())
 
 
 def test_unknown_target_pattern_names_it():
-    with pytest.raises(ValueError, match=r"'nope_proj'.*available layers: q, k"):
+    with pytest.raises(InputError, match=r"'nope_proj'.*available layers: q, k"):
         plrd.collect_grams(Attention(), [torch.randn(2, 6)], targets="nope_proj", progress=False)

@@ -11,6 +11,7 @@ from plrd.core.factorize import (
     truncate_factors,
     whitened_svd_factors,
 )
+from plrd.errors import InputError
 
 
 def _correlated_inputs(n: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -99,23 +100,23 @@ def test_cholesky_ridge_on_singular_gram():
 
 @pytest.mark.parametrize("rank", [0, -1, 13, 2.5])
 def test_rank_out_of_range_names_layer_and_fix(rank):
-    with pytest.raises(ValueError, match=r"layer 'blk\.q'.*1\.\.12"):
+    with pytest.raises(InputError, match=r"layer 'blk\.q'.*1\.\.12"):
         svd_factors(_weight(12, 20), rank, name="blk.q")
 
 
 def test_nonfinite_weight_and_bad_gram_are_refused():
     weight = _weight(8, 6)
     weight[1, 2] = float("nan")
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(InputError, match="non-finite"):
         svd_factors(weight, 2, name="mlp.up")
-    with pytest.raises(ValueError, match=r"shape \(5, 5\).*\(6, 6\)"):
+    with pytest.raises(InputError, match=r"shape \(5, 5\).*\(6, 6\)"):
         whitened_svd_factors(_weight(8, 6), 2, torch.eye(5), name="mlp.up")
     gram = torch.eye(6)
     gram[0, 0] = float("inf")
-    with pytest.raises(ValueError, match="Gram matrix.*non-finite"):
+    with pytest.raises(InputError, match="Gram matrix.*non-finite"):
         whitened_svd_factors(_weight(8, 6), 2, gram)
 
 
 def test_truncate_cannot_raise_rank():
-    with pytest.raises(ValueError, match="cannot truncate rank 3 up to 4"):
+    with pytest.raises(InputError, match="cannot truncate rank 3 up to 4"):
         truncate_factors(_weight(10, 3), _weight(3, 10), 4)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from plrd.core.ranks import LayerSpec, global_ranks, min_weight_params, uniform_ranks
+from plrd.errors import InputError
 
 
 def _specs():
@@ -128,5 +129,5 @@ def test_global_budget_monotone_and_within_a_step():
 
 
 def test_global_needs_enough_singular_values():
-    with pytest.raises(ValueError, match="singular values"):
+    with pytest.raises(InputError, match="singular values"):
         global_ranks([LayerSpec("a", 16, 16)], {"a": torch.ones(3)}, budget=10)

@@ -129,7 +129,7 @@ def test_default_targets_skip_heads_and_tied_layers():
     assert "lm_head" not in find_targets(untied)
     assert "lm_head" in find_targets(untied, targets="lm_head")  # explicit, untied: allowed
     tied = tiny_llama(tie=True)
-    with pytest.raises(ValueError, match="'lm_head' matches no linear layer"):
+    with pytest.raises(InputError, match="'lm_head' matches no linear layer"):
         find_targets(tied, targets="lm_head")  # tied to the embedding: never
     bert = tiny_bert()
     assert "cls.predictions.decoder" in head_names(bert)
@@ -155,7 +155,7 @@ def test_report_table_and_dict():
 @pytest.mark.parametrize("keep", [0.0, -0.5, 1.5, float("nan"), True, "0.5"])
 def test_bad_keep(keep):
     model = tiny_llama()
-    with pytest.raises(ValueError, match="keep"):
+    with pytest.raises(InputError, match="keep"):
         plrd.decompose(model, keep, method="svd", progress=False)
 
 
@@ -179,14 +179,14 @@ def test_unreachable_keep_names_the_minimum():
 
 def test_whiten_without_grams_says_how_to_fix():
     model = tiny_llama()
-    with pytest.raises(ValueError, match=r"plrd\.collect_grams.*method='svd'"):
+    with pytest.raises(InputError, match=r"plrd\.collect_grams.*method='svd'"):
         plrd.decompose(model, 0.5, progress=False)
     grams = plrd.collect_grams(model, token_batches(), targets="mlp.*", progress=False)
-    with pytest.raises(ValueError, match="no Gram matrix .*self_attn"):
+    with pytest.raises(InputError, match="no Gram matrix .*self_attn"):
         plrd.decompose(model, 0.5, grams=grams, progress=False)
     grams = plrd.collect_grams(model, token_batches(), progress=False)
     grams["model.layers.0.self_attn.o_proj"] = torch.eye(3, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"o_proj.*\(3, 3\)"):
+    with pytest.raises(InputError, match=r"o_proj.*\(3, 3\)"):
         plrd.decompose(model, 0.5, grams=grams, progress=False)
 
 
@@ -195,7 +195,7 @@ def test_non_finite_weight_names_the_layer_and_leaves_model_untouched():
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
     state = snapshot(model)
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj.*non-finite"):
+    with pytest.raises(InputError, match=r"model\.layers\.1\.mlp\.up_proj.*non-finite"):
         plrd.decompose(model, 0.5, method="svd", progress=False)
     assert all(
         torch.equal(a, b) or (a.isnan() == b.isnan()).all()
@@ -206,11 +206,11 @@ def test_non_finite_weight_names_the_layer_and_leaves_model_untouched():
 
 def test_unknown_method_allocation_and_pattern():
     model = tiny_llama()
-    with pytest.raises(ValueError, match="method='asvd'.*whiten, svd"):
+    with pytest.raises(InputError, match="method='asvd'.*whiten, svd"):
         plrd.decompose(model, 0.5, method="asvd", progress=False)
-    with pytest.raises(ValueError, match="allocation='greedy'"):
+    with pytest.raises(InputError, match="allocation='greedy'"):
         plrd.decompose(model, 0.5, method="svd", allocation="greedy", progress=False)
-    with pytest.raises(ValueError, match=r"'attn\.qkv'.*available layers: model\.layers\.0"):
+    with pytest.raises(InputError, match=r"'attn\.qkv'.*available layers: model\.layers\.0"):
         plrd.decompose(model, 0.5, targets="attn.qkv", method="svd", progress=False)
 
 

@@ -8,6 +8,7 @@ from safetensors import safe_open
 from torch import nn
 
 import plrd
+from plrd.errors import DamagedFileError, InputError
 from plrd.io.info import INFO_FILE, WEIGHTS_FILE
 from tests.helpers import decomposed, logits, snapshot, unchanged, written
 from tests.tiny_models import TINY_MODELS, tiny_gpt2, tiny_llama, token_batches
@@ -89,7 +90,7 @@ def test_other_architecture_refused(tmp_path):
     plrd.save(decomposed(), tmp_path)
     model = tiny_gpt2()
     state = snapshot(model)
-    with pytest.raises(ValueError, match=rf"{INFO_FILE}: layer 'model\.layers\.0.*does not"):
+    with pytest.raises(DamagedFileError, match=rf"{INFO_FILE}: layer 'model\.layers\.0.*does not"):
         plrd.load(tmp_path, model)
     assert unchanged(model, state)
 
@@ -103,10 +104,10 @@ def _edit_manifest(path, edit):
 def test_manifest_shape_and_bias_mismatch_refused(tmp_path):
     plrd.save(decomposed(), tmp_path)
     _edit_manifest(tmp_path, lambda info: info["layers"][0].update({"in": 65}))
-    with pytest.raises(ValueError, match=r"plrd\.json: layer 'model.*recorded as 64x65"):
+    with pytest.raises(DamagedFileError, match=r"plrd\.json: layer 'model.*recorded as 64x65"):
         plrd.load(tmp_path, tiny_llama())
     _edit_manifest(tmp_path, lambda info: info["layers"][0].update({"in": 64, "bias": True}))
-    with pytest.raises(ValueError, match="recorded with bias=True"):
+    with pytest.raises(DamagedFileError, match="recorded with bias=True"):
         plrd.load(tmp_path, tiny_llama())
 
 
@@ -117,7 +118,7 @@ def test_rank_mismatch_with_weights_refused_and_model_untouched(tmp_path):
     state = snapshot(model)
     mismatch = rf"{WEIGHTS_FILE}: holds layer '.*q_proj' at rank \d+"
     mismatch += rf".* {INFO_FILE} records rank 3"
-    with pytest.raises(ValueError, match=mismatch):
+    with pytest.raises(DamagedFileError, match=mismatch):
         plrd.load(tmp_path, model)
     assert unchanged(model, state)
     assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
@@ -130,21 +131,23 @@ def test_already_factored_model_refused(tmp_path):
     model = tiny_llama()
     plrd.decompose(model, 0.9, targets="mlp.*", method="svd", progress=False)
     unrecorded = r"factored layer\(s\) not recorded.*'model\.layers\.0\.mlp"
-    with pytest.raises(ValueError, match=unrecorded):
+    with pytest.raises(DamagedFileError, match=unrecorded):
         plrd.load(tmp_path, model)
 
 
 def test_missing_or_corrupt_files_refused(tmp_path):
-    with pytest.raises(ValueError, match=rf"{INFO_FILE} not found"):
+    with pytest.raises(InputError, match=rf"{INFO_FILE} not found"):
         plrd.load(tmp_path, tiny_llama())
     plrd.save(decomposed(), tmp_path)
     (tmp_path / INFO_FILE).write_text("{not json")
-    with pytest.raises(ValueError, match=rf"{INFO_FILE}: cannot be read as JSON"):
+    with pytest.raises(DamagedFileError, match=rf"{INFO_FILE}: cannot be read as JSON"):
         plrd.load(tmp_path, tiny_llama())
     (tmp_path / INFO_FILE).write_text(json.dumps({"format": "plrd", "format_version": 99}))
-    with pytest.raises(ValueError, match="format_version 99"):
+    with pytest.raises(InputError, match="format_version 99"):
         plrd.load(tmp_path, tiny_llama())
     plrd.save(decomposed(), tmp_path)
     (tmp_path / WEIGHTS_FILE).write_bytes(b"\x00" * 16)
-    with pytest.raises(ValueError, match=rf"{WEIGHTS_FILE}: the safetensors header is not valid"):
+    with pytest.raises(
+        DamagedFileError, match=rf"{WEIGHTS_FILE}: the safetensors header is not valid"
+    ):
         plrd.load(tmp_path, tiny_llama())

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import plrd
+from plrd.errors import DamagedFileError, InputError
 from plrd.io import checkpoint
 from plrd.io.checkpoint import verify_checkpoint
 from plrd.io.info import INFO_FILE, WEIGHTS_FILE
@@ -54,10 +55,10 @@ def test_altered_byte_is_refused_unless_verify_is_off(saved):
     fresh = tiny_llama()
     state = snapshot(fresh)
     message = rf"{WEIGHTS_FILE}: checksum mismatch \(expected sha256 [0-9a-f]{{64}}, got [0-9a-f]"
-    with pytest.raises(ValueError, match=message + ".*corrupt or was modified.*re-save"):
+    with pytest.raises(DamagedFileError, match=message + ".*corrupt or was modified.*re-save"):
         plrd.load(path, fresh)
     assert unchanged(fresh, state)
-    with pytest.raises(ValueError, match="checksum mismatch"):
+    with pytest.raises(DamagedFileError, match="checksum mismatch"):
         verify_checkpoint(path)
     plrd.load(path, fresh, verify=False)  # the caller takes responsibility
     assert not torch.equal(logits(fresh), logits(model))
@@ -71,14 +72,16 @@ def test_truncated_weights_are_named_as_truncated(saved):
     fresh = tiny_llama()
     state = snapshot(fresh)
     for verify in (True, False):  # the header check does not need the recorded digest
-        with pytest.raises(ValueError, match=rf"{WEIGHTS_FILE}: the header describes .*truncated"):
+        with pytest.raises(
+            DamagedFileError, match=rf"{WEIGHTS_FILE}: the header describes .*truncated"
+        ):
             plrd.load(path, fresh, verify=verify)
     assert unchanged(fresh, state)
     weights.write_bytes(weights.read_bytes()[:5])
-    with pytest.raises(ValueError, match=rf"{WEIGHTS_FILE}: 5 bytes is too short"):
+    with pytest.raises(DamagedFileError, match=rf"{WEIGHTS_FILE}: 5 bytes is too short"):
         plrd.load(path, fresh)
     weights.write_bytes(weights.read_bytes()[:5] + b"\x00" * 100)
-    with pytest.raises(ValueError, match=rf"{WEIGHTS_FILE}: the header length word says"):
+    with pytest.raises(DamagedFileError, match=rf"{WEIGHTS_FILE}: the header length word says"):
         plrd.load(path, fresh)
 
 
@@ -86,7 +89,7 @@ def test_appended_bytes_are_refused(saved):
     path, _ = saved
     weights = path / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes() + b"\x00" * 8)
-    with pytest.raises(ValueError, match=rf"{WEIGHTS_FILE}: 8 bytes follow the last tensor"):
+    with pytest.raises(DamagedFileError, match=rf"{WEIGHTS_FILE}: 8 bytes follow the last tensor"):
         plrd.load(path, tiny_llama())
 
 
@@ -96,7 +99,9 @@ def test_size_mismatch_reported_before_hashing(saved, monkeypatch):
     info["weights"]["bytes"] += 1
     _write_info(path, info)
     monkeypatch.setattr(checkpoint, "sha256_file", None)  # must not be needed
-    with pytest.raises(ValueError, match=r"size mismatch \(expected [\d,]+ bytes, got [\d,]+\)"):
+    with pytest.raises(
+        DamagedFileError, match=r"size mismatch \(expected [\d,]+ bytes, got [\d,]+\)"
+    ):
         plrd.load(path, tiny_llama())
 
 
@@ -104,11 +109,11 @@ def test_weights_of_another_save_are_refused_with_the_layer_named(tmp_path):
     plrd.save(decomposed(keep=0.6), tmp_path / "a")
     plrd.save(decomposed(keep=0.8), tmp_path / "b")
     (tmp_path / "a" / WEIGHTS_FILE).write_bytes((tmp_path / "b" / WEIGHTS_FILE).read_bytes())
-    with pytest.raises(ValueError, match="size mismatch .* longer than when it was written"):
+    with pytest.raises(DamagedFileError, match="size mismatch .* longer than when it was written"):
         plrd.load(tmp_path / "a", tiny_llama())
     # without the digest, the ranks still give it away, naming the layer and both files
     rank_clash = rf"{WEIGHTS_FILE}: holds layer 'model\.layers\.0\.mlp\.down_proj' at rank"
-    with pytest.raises(ValueError, match=rank_clash + rf".*{INFO_FILE} records rank"):
+    with pytest.raises(DamagedFileError, match=rank_clash + rf".*{INFO_FILE} records rank"):
         plrd.load(tmp_path / "a", tiny_llama(), verify=False)
 
 
@@ -120,7 +125,7 @@ def test_manifest_and_weights_disagree_on_which_layers_are_factored(tmp_path):
     info["weights"] = _info(tmp_path / "dense")["weights"]
     _write_info(tmp_path / "dense", info)  # factored layers recorded, dense weights on disk
     clash = r"dense weight for layer 'model\.layers\.0\..*records it as factored"
-    with pytest.raises(ValueError, match=clash):
+    with pytest.raises(DamagedFileError, match=clash):
         plrd.load(tmp_path / "dense", tiny_llama())
 
     info = _info(tmp_path / "factored")
@@ -128,7 +133,7 @@ def test_manifest_and_weights_disagree_on_which_layers_are_factored(tmp_path):
     _write_info(tmp_path / "factored", info)
     model = tiny_llama()
     state = snapshot(model)
-    with pytest.raises(ValueError, match=rf"factored tensor .* {INFO_FILE} does not record"):
+    with pytest.raises(DamagedFileError, match=rf"factored tensor .* {INFO_FILE} does not record"):
         plrd.load(tmp_path / "factored", model)
     assert unchanged(model, state)
 
@@ -138,14 +143,14 @@ def test_parameter_count_mismatch_is_refused(saved):
     info = _info(path)
     info["num_parameters"] += 7
     _write_info(path, info)
-    with pytest.raises(ValueError, match=rf"{INFO_FILE}: records [\d,]+ parameters"):
+    with pytest.raises(DamagedFileError, match=rf"{INFO_FILE}: records [\d,]+ parameters"):
         plrd.load(path, tiny_llama())
 
 
 def test_untied_model_refuses_tied_checkpoint(tmp_path):
     plrd.save(tiny_llama(tie=True), tmp_path)
     missing = r"tensor '(lm_head|model\.embed_tokens)\.weight' .* is missing"
-    with pytest.raises(ValueError, match=missing):
+    with pytest.raises(DamagedFileError, match=missing):
         plrd.load(tmp_path, tiny_llama(tie=False))
 
 
@@ -164,14 +169,14 @@ def test_malformed_manifest_is_refused(saved, edit, message):
     info = _info(path)
     edit(info)
     _write_info(path, info)
-    with pytest.raises(ValueError, match=rf"{INFO_FILE}: .*{message}"):
+    with pytest.raises(DamagedFileError, match=rf"{INFO_FILE}: .*{message}"):
         plrd.load(path, tiny_llama())
 
 
 def test_unreadable_manifest_names_the_file(saved):
     path, _ = saved
     (path / INFO_FILE).write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(ValueError, match=rf"{INFO_FILE}: cannot be read as JSON"):
+    with pytest.raises(DamagedFileError, match=rf"{INFO_FILE}: cannot be read as JSON"):
         plrd.load(path, tiny_llama())
 
 
@@ -206,7 +211,7 @@ def test_interrupted_save_never_leaves_a_manifest_for_other_weights(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         plrd.save(decomposed(keep=0.8), tmp_path)
     assert written(tmp_path) == [WEIGHTS_FILE]
-    with pytest.raises(ValueError, match=rf"{INFO_FILE} not found beside .*interrupted"):
+    with pytest.raises(DamagedFileError, match=rf"{INFO_FILE} not found beside .*interrupted"):
         plrd.load(tmp_path, tiny_llama())
 
 
@@ -214,11 +219,11 @@ def test_family_checksum_cross_check(saved):
     path, _ = saved
     digest = plrd.weights_checksum(path)
     verify_checkpoint(path, sha256=digest)
-    with pytest.raises(ValueError, match=rf"{WEIGHTS_FILE}: checksum mismatch"):
+    with pytest.raises(DamagedFileError, match=rf"{WEIGHTS_FILE}: checksum mismatch"):
         verify_checkpoint(path, sha256="0" * 64)
-    with pytest.raises(ValueError, match="not a 64-digit hex"):
+    with pytest.raises(InputError, match="not a 64-digit hex"):
         verify_checkpoint(path, sha256="xyz")
-    with pytest.raises(ValueError, match=rf"{WEIGHTS_FILE} not found"):
+    with pytest.raises(DamagedFileError, match=rf"{WEIGHTS_FILE} not found"):
         plrd.weights_checksum(path / "nowhere")
 
 
@@ -231,10 +236,10 @@ def test_header_check_matches_safetensors(saved):
 
 
 def test_load_rejects_a_missing_directory_and_a_file_target(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         plrd.load(tmp_path / "nowhere", tiny_llama())
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ValueError, match="is a file, not a directory"):
+    with pytest.raises(InputError, match="is a file, not a directory"):
         plrd.save(nn.Linear(2, 2), tmp_path / "file")
 
 
@@ -248,5 +253,5 @@ def test_load_pretrained_verifies_the_weights(tmp_path):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01
     weights.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=rf"{WEIGHTS_FILE}: checksum mismatch"):
+    with pytest.raises(DamagedFileError, match=rf"{WEIGHTS_FILE}: checksum mismatch"):
         plrd.load_pretrained(tmp_path)

@@ -237,7 +237,8 @@ def _check_batch(index: int, batch: Any) -> None:
 def _check_arguments(model: Any, batches: Any) -> None:
     if not isinstance(model, nn.Module):
         raise InputError(
-            f"collect_grams needs a torch.nn.Module as model, got {type(model).__name__}"
+            f"collect_grams needs a torch.nn.Module as model, got {type(model).__name__}; pass "
+            "the model object itself"
         )
     if isinstance(batches, (Tensor, Mapping)):
         shape = tuple(batches.shape) if isinstance(batches, Tensor) else "a dict"
@@ -277,7 +278,8 @@ def _make_hook(collector: _Collector, name: str, in_features: int) -> Callable[.
         x = args[0] if args else next(iter(kwargs.values()))
         if x.shape[-1] != in_features:
             raise InputError(
-                f"layer {name!r} expects {in_features} input features, got input {tuple(x.shape)}"
+                f"layer {name!r} expects {in_features} input features, got input "
+                f"{tuple(x.shape)}; the model's forward must feed it [..., {in_features}] inputs"
             )
         collector.hook(name, x)
 

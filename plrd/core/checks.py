@@ -74,7 +74,9 @@ def check_weight(tensor: Tensor, what: str, name: str | None = None) -> None:
     """Raise InputError unless ``tensor`` is a materialised, finite, real floating 2-D matrix."""
     if not isinstance(tensor, Tensor) or tensor.dim() != 2:
         shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
-        raise InputError(f"{label(name)}: {what} must be a 2-D tensor, got {shape}")
+        raise InputError(
+            f"{label(name)}: {what} must be a 2-D tensor, got {shape}; pass the layer's matrix"
+        )
     if tensor.is_meta:
         raise InputError(
             f"{label(name)}: {what} {tuple(tensor.shape)} is on the meta device (it has no "
@@ -94,7 +96,8 @@ def check_pair(up: Tensor, down: Tensor, name: str | None = None) -> None:
     check_weight(down, "down", name)
     if down.shape[0] != up.shape[1]:
         raise InputError(
-            f"{label(name)}: up {tuple(up.shape)} and down {tuple(down.shape)} disagree on rank"
+            f"{label(name)}: up {tuple(up.shape)} and down {tuple(down.shape)} disagree on rank; "
+            "pass up [out, r] and down [r, in] of one rank r"
         )
 
 

@@ -111,7 +111,8 @@ def _check_whitening(whitening: Whitening | None, in_features: int, name: str | 
     if whitening is not None and tuple(whitening.lower.shape) != (in_features, in_features):
         raise InputError(
             f"{label(name)}: whitening factor has shape {tuple(whitening.lower.shape)}, "
-            f"expected ({in_features}, {in_features})"
+            f"expected ({in_features}, {in_features}); build it from this layer's Gram with "
+            "Whitening.of"
         )
 
 

@@ -70,7 +70,8 @@ def as_linear(module: nn.Module) -> nn.Linear:
         return module
     if not is_conv1d(module):
         raise InputError(
-            f"expected an nn.Linear or Hugging Face Conv1D layer, got {type(module).__name__}"
+            f"expected a dense nn.Linear or Hugging Face Conv1D layer, got "
+            f"{type(module).__name__}; only dense layers have an nn.Linear form"
         )
     n_in, n_out = layer_shape(module)
     bias = getattr(module, "bias", None)

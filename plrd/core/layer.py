@@ -49,7 +49,7 @@ class LowRankLinear(nn.Module, Factored):
         check_features(in_features, out_features)
         rank = check_rank(rank, out_features, in_features)
         if not isinstance(bias, bool):
-            raise InputError(f"bias must be True or False, got {bias!r}")
+            raise InputError(f"bias must be True or False, got {bias!r}; pass a bool")
         _check_dtype(dtype)
         in_features, out_features = int(in_features), int(out_features)
         factory = {"device": device, "dtype": dtype}
@@ -112,7 +112,7 @@ class LowRankLinear(nn.Module, Factored):
         if not isinstance(linear, nn.Linear):
             raise InputError(
                 f"from_linear needs an nn.Linear (or Hugging Face Conv1D), got "
-                f"{type(linear).__name__}"
+                f"{type(linear).__name__}; pass the dense linear layer to factor"
             )
         weight = linear.weight.detach()
         if gram is None:

@@ -70,11 +70,14 @@ def _check_arguments(
 ) -> float:
     """Check decompose's arguments other than the layers; return ``keep`` as a float."""
     if not isinstance(model, nn.Module):
-        raise InputError(f"decompose needs a torch.nn.Module as model, got {type(model).__name__}")
+        raise InputError(
+            f"decompose needs a torch.nn.Module as model, got {type(model).__name__}; pass the "
+            "model object itself"
+        )
     if grams is not None and not isinstance(grams, Mapping):
         raise InputError(
             f"grams must map layer names to Gram matrices (plrd.collect_grams output), got "
-            f"{type(grams).__name__}"
+            f"{type(grams).__name__}; pass grams=plrd.collect_grams(model, batches)"
         )
     keep = _check_keep(keep)
     if method not in METHODS:

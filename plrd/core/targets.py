@@ -106,7 +106,10 @@ def _regex(pattern: str) -> Callable[[str], bool]:
     try:
         rx = re.compile(pattern)
     except re.error as e:
-        raise InputError(f"invalid layer pattern {pattern!r}: {e}") from e
+        raise InputError(
+            f"invalid layer pattern {pattern!r}: {e}; fix the regular expression or write a "
+            "glob such as 'mlp.*'"
+        ) from e
     return lambda name: any(rx.fullmatch(s) for s in _suffixes(name))
 
 
@@ -157,7 +160,8 @@ def find_targets(
     exclude_list = _as_list(exclude)
     if not layers:
         raise InputError(
-            f"{type(model).__name__} has no nn.Linear, Conv1D or LowRankLinear layer to decompose"
+            f"{type(model).__name__} has no nn.Linear, Conv1D or LowRankLinear layer to "
+            "decompose; plrd factors linear layers only, pass a model that has some"
         )
     if targets is None:
         chosen = {n: m for n, m in layers.items() if n not in heads}

@@ -116,7 +116,10 @@ def _check_digest(weights: Path, record: dict | None, sha256: Any) -> None:
     """The weights' SHA-256 (as recorded, or computed for format 1) must equal ``sha256``."""
     expected = sha256.lower() if isinstance(sha256, str) else sha256
     if not is_sha256(expected):
-        raise InputError(f"sha256={sha256!r} is not a 64-digit hex SHA-256 digest")
+        raise InputError(
+            f"sha256={sha256!r} is not a 64-digit hex SHA-256 digest; pass the digest plrd "
+            "recorded (plrd.weights_checksum)"
+        )
     got = record["sha256"] if record is not None else sha256_file(weights)
     if got != expected:
         raise DamagedFileError(
@@ -333,7 +336,7 @@ def load(directory: str | os.PathLike, model: nn.Module, verify: bool = True) ->
     """
     _check_model(model, "plrd.load")
     if not isinstance(verify, bool):
-        raise InputError(f"verify must be True or False, got {verify!r}")
+        raise InputError(f"verify must be True or False, got {verify!r}; pass a bool")
     directory = as_dir(directory, "plrd.load")
     info = read_info(directory)
     info_path = directory / INFO_FILE

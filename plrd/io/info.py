@@ -81,7 +81,10 @@ def _info_missing(directory: Path, path: Path) -> ValueError:
     """The error for a directory without ``plrd.json``: not a checkpoint (InputError), or one
     whose save was interrupted (DamagedFileError)."""
     if not directory.is_dir():
-        return InputError(f"{directory} does not exist (or is not a directory): no checkpoint")
+        return InputError(
+            f"{directory} does not exist (or is not a directory): no checkpoint; pass the "
+            "directory plrd.save wrote"
+        )
     if (directory / WEIGHTS_FILE).is_file():
         return DamagedFileError(
             f"{path} not found beside {WEIGHTS_FILE}: the save was interrupted or the info file "

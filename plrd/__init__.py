@@ -20,7 +20,7 @@ _EXPORTS = {
     "save": "plrd.io.checkpoint",
     "load": "plrd.io.checkpoint",
     "weights_checksum": "plrd.io.checkpoint",
-    "load_pretrained": "plrd.io.models",
+    "load_pretrained": "plrd.io.members",
 }
 
 __all__ = sorted(_EXPORTS)

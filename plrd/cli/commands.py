@@ -24,12 +24,11 @@ from plrd.family.schedule import build_family
 from plrd.family.sources import load_documents
 from plrd.family.stage import calibrate_and_decompose
 from plrd.io.atomic import read_json
-from plrd.io.checkpoint import WEIGHTS_NAME, verify_checkpoint
+from plrd.io.checkpoint import verify_checkpoint
+from plrd.io.info import INFO_FILE, WEIGHTS_FILE
 from plrd.io.integrity import read_safetensors_header
-from plrd.io.members import is_member_dir, save_member, verify_member
+from plrd.io.members import MEMBER_FILE, is_member_dir, save_member, verify_member
 from plrd.io.models import load_model, load_tokenizer
-
-MEMBER_METRICS = "member.json"
 
 
 def run_family(args: argparse.Namespace) -> dict:
@@ -171,7 +170,7 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
 
 def _stored_params(root: Path) -> int:
     """Parameters in the member's weights file (plrd.json of format 1 does not record them)."""
-    header = read_safetensors_header(root / WEIGHTS_NAME)
+    header = read_safetensors_header(root / WEIGHTS_FILE)
     return sum(math.prod(shape) for _, shape in header.values())
 
 
@@ -187,9 +186,11 @@ def run_info(args: argparse.Namespace) -> str:
         print(f"\n{n} member{'s' if n != 1 else ''}: weights verified (SHA-256)")
         return text
     if not is_member_dir(root):
-        raise InputError(f"{root} holds neither {FAMILY_FILE} (a family) nor plrd.json (a member)")
+        raise InputError(
+            f"{root} holds neither {FAMILY_FILE} (a family) nor {INFO_FILE} (a member)"
+        )
     info = verify_checkpoint(root)
-    metrics = read_json(root / MEMBER_METRICS) if (root / MEMBER_METRICS).is_file() else None
+    metrics = read_json(root / MEMBER_FILE) if (root / MEMBER_FILE).is_file() else None
     params = info.get("num_parameters") or _stored_params(root)
     text = describe_member(str(root), info, params, metrics)
     print(text)

@@ -1,2 +1,4 @@
-"""The method on modules and tensors: LowRankLinear, factorization, targets, ranks, calibration,
-surgery and its report. Imports torch and plrd_kernels only; reads and writes no files."""
+"""The method on modules and tensors: layer kinds, input checks, factorization math, the
+LowRankLinear layer, targets, rank allocation, the parameter budget, calibration, surgery and
+its report. Imports torch, numpy, tqdm and plrd_kernels (no transformers, no plrd.io); reads
+and writes no files."""

@@ -12,13 +12,18 @@ Gram, computed once: the returned dict maps each of their names to the same tens
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from tqdm.auto import tqdm
 
-from plrd.core.targets import Patterns, find_targets, layer_shape
+from plrd.core.kinds import layer_shape
+from plrd.core.targets import Patterns, find_targets
+from plrd.errors import InputError
 
 
 class Grams(dict):
@@ -29,28 +34,57 @@ class Grams(dict):
         self.tokens: dict[str, int] = dict(tokens or {})
 
 
-def _same_tensor(a: Tensor, b: Tensor) -> bool:
-    """True when ``a`` and ``b`` hold the same data (``b`` is kept alive by the caller)."""
-    if a is b:
-        return True
-    return (
-        a.device == b.device
-        and a.dtype == b.dtype
-        and a.shape == b.shape
-        and a.stride() == b.stride()
-        and a.data_ptr() == b.data_ptr()
-        and a._version == b._version
-    )
+def _version(t: Tensor) -> int | None:
+    """``t``'s in-place write counter (shared by every view of its storage), or None for an
+    inference-mode tensor, which keeps none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+@dataclass(frozen=True)
+class _Input:
+    """A layer input as it was when a hook saw it: the tensor (held alive, so its memory
+    cannot be reused) and its write counter at that moment."""
+
+    tensor: Tensor
+    version: int | None
+
+    @classmethod
+    def of(cls, x: Tensor) -> _Input:
+        return cls(x, _version(x))
+
+    def holds(self, x: Tensor) -> bool:
+        """True when ``x`` has exactly the data this input had when it was seen.
+
+        Same data means the same elements of the same memory — device, dtype, shape, strides
+        and data pointer agree (the identical object trivially does) — and nothing written
+        there since: the write counter has not moved. Identity alone is not enough: a forward
+        may change a tensor in place (``x.mul_(2)``) between two layers reading it. Without a
+        counter (inference tensors) nothing can be proven, so nothing is shared.
+        """
+        if self.version is None or _version(x) != self.version:
+            return False
+        y = self.tensor
+        return x is y or (
+            x.device == y.device
+            and x.dtype == y.dtype
+            and x.shape == y.shape
+            and x.stride() == y.stride()
+            and x.data_ptr() == y.data_ptr()
+        )
 
 
 class _Collector:
     """Forward pre-hook state for Gram accumulation with shared inputs.
 
     A layer seen for the first time joins the group of a layer called once so far in this
-    forward pass with the identical input tensor (one of the last few inputs, held alive so
-    their memory cannot be reused); it then shares that layer's accumulator. Each later forward
-    re-checks the sharing; a member whose input differs (or that misses a call) gets its own
-    accumulator, split exactly: the group's sum minus the contribution it did not share.
+    forward pass with the same input data (:meth:`_Input.holds`; one of the last few inputs,
+    held alive so their memory cannot be reused); it then shares that layer's accumulator.
+    Each later forward re-checks the sharing; a member whose input differs (or that misses a
+    call) gets its own accumulator, split exactly: the group's sum minus the contribution it
+    did not share.
     """
 
     WINDOW = 4
@@ -66,9 +100,9 @@ class _Collector:
         self._reset_forward()
 
     def _reset_forward(self) -> None:
-        self.recent: list[tuple[str, Tensor]] = []  # (leader, its latest input), newest last
+        self.recent: list[tuple[str, _Input]] = []  # (leader, its latest input), newest last
         self.calls: dict[str, int] = {}  # leader → calls in this forward
-        self.current: dict[str, tuple[Tensor, Tensor]] = {}  # leader → (input, xᵀx) latest
+        self.current: dict[str, tuple[_Input, Tensor]] = {}  # leader → (input, xᵀx) latest
         self.pending: dict[str, set[str]] = {}  # leader → followers yet to consume `current`
 
     def start_forward(self) -> None:
@@ -93,12 +127,13 @@ class _Collector:
         self.tokens[leader] = self.tokens.get(leader, 0) + self._rows(x)
         return g
 
-    def _remember(self, leader: str, x: Tensor) -> None:
+    def _remember(self, leader: str, seen: _Input) -> None:
         self.recent = [(n, y) for n, y in self.recent if n != leader]
-        self.recent.append((leader, x))
+        self.recent.append((leader, seen))
         del self.recent[: -self.WINDOW]
 
     def hook(self, name: str, x: Tensor) -> None:
+        """Account layer ``name``'s input x [..., in] (called by its forward pre-hook)."""
         leader = self.leader.get(name)
         if leader is None:
             self._first_call(name, x)
@@ -113,7 +148,7 @@ class _Collector:
             if (
                 self.first_forward[leader] == self.forward
                 and self.calls.get(leader) == 1
-                and _same_tensor(x, y)
+                and y.holds(x)
             ):
                 self.leader[name] = leader
                 self.followers[leader].add(name)
@@ -126,16 +161,17 @@ class _Collector:
         for follower in list(self.pending.get(name, ())):
             self._split(follower, name)  # it missed this leader's previous input
         g = self._add(name, x)
+        seen = _Input.of(x)
         self.calls[name] = self.calls.get(name, 0) + 1
         if self.followers[name]:
-            self.current[name] = (x, g)
+            self.current[name] = (seen, g)
             self.pending[name] = set(self.followers[name])
-        self._remember(name, x)
+        self._remember(name, seen)
 
     def _follower_call(self, name: str, leader: str, x: Tensor) -> None:
         held = self.current.get(leader)
         waiting = self.pending.get(leader, set())
-        if held is not None and name in waiting and _same_tensor(x, held[0]):
+        if held is not None and name in waiting and held[0].holds(x):
             waiting.discard(name)
             if not waiting:
                 del self.current[leader], self.pending[leader]
@@ -149,9 +185,9 @@ class _Collector:
         rows = self.tokens[leader]
         waiting = self.pending.get(leader)
         if waiting is not None and name in waiting:
-            x, g = self.current[leader]
+            seen, g = self.current[leader]
             acc -= g
-            rows -= self._rows(x)
+            rows -= self._rows(seen.tensor)
             waiting.discard(name)
             if not waiting:
                 del self.current[leader], self.pending[leader]
@@ -162,6 +198,7 @@ class _Collector:
         self.tokens[name] = rows
 
     def result(self) -> Grams:
+        """Every layer that ran → its Σ xᵀx (one tensor per group sharing an input)."""
         out = Grams()
         for name in self.names:
             if name in self.leader:
@@ -188,84 +225,88 @@ def _to_device(batch: Any, device: torch.device | None) -> Any:
 
 
 def _check_batch(index: int, batch: Any) -> None:
-    """Raise ValueError for a batch with no tokens (it would add nothing and may crash)."""
+    """Raise InputError for a batch with no tokens (it would add nothing and may crash)."""
     tensors = [batch] if isinstance(batch, Tensor) else []
     if isinstance(batch, Mapping):
         tensors = [v for v in batch.values() if isinstance(v, Tensor)]
     if tensors and all(t.numel() == 0 for t in tensors):
-        raise ValueError(
+        raise InputError(
             f"calibration batch {index} is empty (shape {tuple(tensors[0].shape)}); drop empty "
             "batches, or pass batches with at least one token"
         )
 
 
-def _check_grams_finite(grams: Grams) -> None:
+def _check_arguments(model: Any, batches: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"collect_grams needs a torch.nn.Module as model, got {type(model).__name__}; pass "
+            "the model object itself"
+        )
+    if isinstance(batches, (Tensor, Mapping)):
+        shape = tuple(batches.shape) if isinstance(batches, Tensor) else "a dict"
+        raise InputError(
+            f"batches must be an iterable of batches, got one batch ({shape}); pass [batch], "
+            "or e.g. list(tokens.split(4)) to cut a tensor of token ids into batches"
+        )
+
+
+def _check_result(grams: Grams, layers: Mapping[str, nn.Module], count: int) -> None:
+    """Some batch was run, some targeted layer ran, and every Gram is finite."""
+    if count == 0:
+        raise InputError("collect_grams got no batches; pass a non-empty iterable of inputs")
+    missing = [n for n in layers if n not in grams]
+    if len(missing) == len(layers):
+        raise InputError(
+            f"no targeted layer ran during calibration ({len(layers)} targeted, e.g. "
+            f"{missing[0]!r}); check that the batches drive the model's forward"
+        )
     seen: set[int] = set()
     for name, gram in grams.items():
         if id(gram) in seen:
             continue
         seen.add(id(gram))
         if not bool(torch.isfinite(gram).all()):
-            raise ValueError(
+            raise InputError(
                 f"layer {name!r} received non-finite inputs (NaN or inf) during calibration; "
                 "check the batches (token ids within the vocabulary, no NaN in float inputs) "
                 "and the model's weights"
             )
 
 
-def collect_grams(
+def _make_hook(collector: _Collector, name: str, in_features: int) -> Callable[..., None]:
+    """A forward pre-hook (``with_kwargs=True``) passing the layer's input x [..., in] on."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else next(iter(kwargs.values()))
+        if x.shape[-1] != in_features:
+            raise InputError(
+                f"layer {name!r} expects {in_features} input features, got input "
+                f"{tuple(x.shape)}; the model's forward must feed it [..., {in_features}] inputs"
+            )
+        collector.hook(name, x)
+
+    return hook
+
+
+def _run_batches(
     model: nn.Module,
+    layers: Mapping[str, nn.Module],
     batches: Iterable[Tensor | Mapping[str, Any]],
-    targets: Patterns = None,
-    exclude: Patterns = None,
-    progress: bool = True,
-) -> Grams:
-    """Run ``model`` on ``batches`` and return ``{layer name: Σ xᵀx}`` for the targeted layers.
+    collector: _Collector,
+    progress: bool,
+) -> int:
+    """Run every batch through ``model`` in eval mode with the hooks on; return the count.
 
-    ``batches``: tensors (called as ``model(batch)``) or dicts (``model(**batch)``), moved to
-    the model's device. ``targets``/``exclude`` select layers as in ``plrd.decompose`` (default:
-    every linear layer except output heads). Grams are float64 [in, in] on the layer's device;
-    layers reading the same input share one tensor. ``result.tokens[name]`` counts the rows.
-    Runs under ``torch.no_grad()`` in eval mode (dropout off; each module's mode is restored
-    afterwards); hooks are removed even if a forward raises. Raises ``ValueError`` when
-    ``batches`` is a single tensor (wrap it in a list), is empty, holds an empty batch, never
-    reaches a targeted layer, or drives a layer with non-finite inputs.
+    Hooks are removed and every module's training flag restored even when a forward raises.
     """
-    from tqdm.auto import tqdm
-
-    if not isinstance(model, nn.Module):
-        raise ValueError(
-            f"collect_grams needs a torch.nn.Module as model, got {type(model).__name__}"
-        )
-    if isinstance(batches, (Tensor, Mapping)):
-        shape = tuple(batches.shape) if isinstance(batches, Tensor) else "a dict"
-        raise ValueError(
-            f"batches must be an iterable of batches, got one batch ({shape}); pass [batch], "
-            "or e.g. list(tokens.split(4)) to cut a tensor of token ids into batches"
-        )
-    layers = find_targets(model, targets, exclude)
-    collector = _Collector(layers)
-    handles = []
-
-    def make_hook(name: str, in_features: int):
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            x = args[0] if args else next(iter(kwargs.values()))
-            if x.shape[-1] != in_features:
-                raise ValueError(
-                    f"layer {name!r} expects {in_features} input features, got input "
-                    f"{tuple(x.shape)}"
-                )
-            collector.hook(name, x)
-
-        return hook
-
     device = _model_device(model)
     modes = {m: m.training for m in model.modules()}
+    handles: list[RemovableHandle] = []
     count = 0
     try:
         model.eval()  # dropout off: the Grams describe the inputs the model really computes
         for name, module in layers.items():
-            hook = make_hook(name, layer_shape(module)[0])
+            hook = _make_hook(collector, name, layer_shape(module)[0])
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         with torch.no_grad():
             for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
@@ -283,14 +324,31 @@ def collect_grams(
         for module, training in modes.items():
             module.training = training
         collector.start_forward()  # drop held inputs
-    if count == 0:
-        raise ValueError("collect_grams got no batches; pass a non-empty iterable of inputs")
+    return count
+
+
+def collect_grams(
+    model: nn.Module,
+    batches: Iterable[Tensor | Mapping[str, Any]],
+    targets: Patterns = None,
+    exclude: Patterns = None,
+    progress: bool = True,
+) -> Grams:
+    """Run ``model`` on ``batches`` and return ``{layer name: Σ xᵀx}`` for the targeted layers.
+
+    ``batches``: tensors (called as ``model(batch)``) or dicts (``model(**batch)``), moved to
+    the model's device. ``targets``/``exclude`` select layers as in ``plrd.decompose`` (default:
+    every linear layer except output heads). Grams are float64 [in, in] on the layer's device;
+    layers reading the same input data share one tensor. ``result.tokens[name]`` counts the
+    rows. Runs under ``torch.no_grad()`` in eval mode (dropout off; each module's mode is
+    restored afterwards); hooks are removed even if a forward raises. Raises ``InputError``
+    when ``batches`` is a single tensor (wrap it in a list), is empty, holds an empty batch,
+    never reaches a targeted layer, or drives a layer with non-finite inputs.
+    """
+    _check_arguments(model, batches)
+    layers = find_targets(model, targets, exclude)
+    collector = _Collector(layers)
+    count = _run_batches(model, layers, batches, collector, progress)
     grams = collector.result()
-    missing = [n for n in layers if n not in grams]
-    if len(missing) == len(layers):
-        raise ValueError(
-            f"no targeted layer ran during calibration ({len(layers)} targeted, e.g. "
-            f"{missing[0]!r}); check that the batches drive the model's forward"
-        )
-    _check_grams_finite(grams)
+    _check_result(grams, layers, count)
     return grams

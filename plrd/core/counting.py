@@ -1,9 +1,11 @@
-"""Parameter counting: shared (tied) tensors counted once; per-layer counts for allocation."""
+"""Parameter counting: a tensor shared (tied) under several names is counted once."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from plrd.errors import InputError
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
@@ -17,7 +19,7 @@ def count_parameters(model: nn.Module) -> int:
     with the same offset and shape (e.g. ``lm_head.weight`` tied to ``embed_tokens.weight``).
     """
     if not isinstance(model, nn.Module):
-        raise ValueError(
+        raise InputError(
             f"count_parameters needs a torch.nn.Module, got {type(model).__name__}; pass the "
             "model object itself"
         )
@@ -33,16 +35,6 @@ def count_parameters(model: nn.Module) -> int:
         seen.add(key)
         total += p.numel()
     return total
-
-
-def dense_params(in_features: int, out_features: int, bias: bool) -> int:
-    """Parameters of a dense layer: ``in·out (+ out)``."""
-    return in_features * out_features + (out_features if bias else 0)
-
-
-def lowrank_params(in_features: int, out_features: int, rank: int, bias: bool) -> int:
-    """Parameters of a rank-r factored layer: ``r·(in+out) (+ out)``."""
-    return rank * (in_features + out_features) + (out_features if bias else 0)
 
 
 def format_params(n: int) -> str:

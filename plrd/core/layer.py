@@ -5,26 +5,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from plrd.core.checks import check_features, check_rank
 from plrd.core.factorize import (
-    check_features,
-    check_rank,
     init_factors_,
     svd_factors,
     truncate_factors,
     whitened_svd_factors,
 )
+from plrd.core.kinds import Factored, as_linear, is_conv1d
+from plrd.errors import InputError
 from plrd_kernels import lowrank_linear
 
 
 def _check_dtype(dtype: torch.dtype | None) -> None:
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise ValueError(
+        raise InputError(
             f"dtype={dtype!r} is not a floating-point torch dtype; pass e.g. torch.float32, "
             "torch.bfloat16, or None for the default"
         )
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(nn.Module, Factored):
     """y = (x · downᵀ) · upᵀ + bias, with down [rank, in], up [out, rank], bias [out].
 
     Holds ``rank·(in + out)`` weights instead of ``in·out``; it pays below the break-even rank
@@ -48,7 +49,7 @@ class LowRankLinear(nn.Module):
         check_features(in_features, out_features)
         rank = check_rank(rank, out_features, in_features)
         if not isinstance(bias, bool):
-            raise ValueError(f"bias must be True or False, got {bias!r}")
+            raise InputError(f"bias must be True or False, got {bias!r}; pass a bool")
         _check_dtype(dtype)
         in_features, out_features = int(in_features), int(out_features)
         factory = {"device": device, "dtype": dtype}
@@ -98,22 +99,20 @@ class LowRankLinear(nn.Module):
         Without ``gram``: plain SVD, the best rank-r approximation of W in Frobenius norm. With
         ``gram`` = Σ xᵀx [in, in] of the layer's inputs (``plrd.collect_grams``): whitened SVD,
         the best rank-r approximation of the layer's outputs on those inputs. ``name`` labels
-        error messages. Raises ValueError (before any work) for a rank outside 1..min(in, out),
+        error messages. Raises InputError (before any work) for a rank outside 1..min(in, out),
         non-finite or non-floating weights, or a Gram of the wrong shape or with NaN/inf.
         """
-        from plrd.core.targets import as_linear, is_conv1d
-
         if isinstance(linear, LowRankLinear):
-            raise ValueError(
+            raise InputError(
                 f"{'layer ' + repr(name) if name else 'layer'} is already a LowRankLinear; "
                 "use layer.truncate(rank, gram) to lower its rank"
             )
         if is_conv1d(linear):
             linear = as_linear(linear)
         if not isinstance(linear, nn.Linear):
-            raise ValueError(
+            raise InputError(
                 f"from_linear needs an nn.Linear (or Hugging Face Conv1D), got "
-                f"{type(linear).__name__}"
+                f"{type(linear).__name__}; pass the dense linear layer to factor"
             )
         weight = linear.weight.detach()
         if gram is None:
@@ -129,7 +128,7 @@ class LowRankLinear(nn.Module):
         """A new layer with the optimal rank-``rank`` approximation of ``up @ down``.
 
         Uses the QR-core method (no dense SVD, O((in + out)·r²)); with ``gram`` the optimum is
-        taken in the whitened output norm, as in :meth:`from_linear`. Raises ValueError for a
+        taken in the whitened output norm, as in :meth:`from_linear`. Raises InputError for a
         rank outside 1..current rank or a bad Gram, before any work.
         """
         (up, down), ridge = truncate_factors(self.up.detach(), self.down.detach(), rank, gram, name)

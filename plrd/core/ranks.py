@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from plrd.core.factorize import break_even_rank
+from plrd.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,30 @@ def _fix_up(specs: Sequence[LayerSpec], ranks: list[int], budget: int) -> list[i
     return ranks
 
 
+def _drop_order(specs: Sequence[LayerSpec], spectra: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """Owner (index into ``specs``) of each droppable component, cheapest first.
+
+    Layer i with descending σ_0 ≥ σ_1 ≥ … ≥ σ_{m−1} (m = max_rank) may drop components m−1 … 1
+    (never σ_0). Dropping σ_j adds σ_j² of (whitened) output error and saves in+out weights, so
+    its cost is σ_j²/(in+out). Returns an int array of length Σ(m_i − 1).
+    """
+    scores, owners = [], []
+    for i, s in enumerate(specs):
+        sigma = spectra[s.name].detach().double().cpu().numpy()
+        if sigma.shape[0] < s.max_rank:
+            raise InputError(
+                f"layer {s.name!r}: {sigma.shape[0]} singular values given, {s.max_rank} needed; "
+                "pass the whole spectrum of the layer's (whitened) weight"
+            )
+        sigma = np.sort(np.abs(sigma[: s.max_rank]))[::-1]
+        # components j = max_rank-1 .. 1, smallest σ first (stable sort keeps this order on ties)
+        scores.append(sigma[1:][::-1] ** 2 / s.step)
+        owners.append(np.full(s.max_rank - 1, i, dtype=np.int64))
+    if not scores:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate(owners)[np.argsort(np.concatenate(scores), kind="stable")]
+
+
 def global_ranks(
     specs: Sequence[LayerSpec], spectra: Mapping[str, torch.Tensor], budget: int
 ) -> dict[str, int | None]:
@@ -142,25 +167,10 @@ def global_ranks(
     """
     if budget >= sum(s.weight_params for s in specs):
         return {s.name: None for s in specs}
-    scores, owners = [], []
-    for i, s in enumerate(specs):
-        sigma = spectra[s.name].detach().double().cpu().numpy()
-        if sigma.shape[0] < s.max_rank:
-            raise ValueError(
-                f"layer {s.name!r}: {sigma.shape[0]} singular values given, {s.max_rank} needed"
-            )
-        sigma = np.sort(np.abs(sigma[: s.max_rank]))[::-1]
-        # components j = max_rank-1 .. 1, smallest σ first (stable sort keeps this order on ties)
-        scores.append(sigma[1:][::-1] ** 2 / s.step)
-        owners.append(np.full(s.max_rank - 1, i, dtype=np.int64))
-    order_scores = np.concatenate(scores) if scores else np.zeros(0)
-    order_owners = np.concatenate(owners) if owners else np.zeros(0, dtype=np.int64)
-    order = np.argsort(order_scores, kind="stable")
     ranks = [s.max_rank for s in specs]
-    total = _total(specs, ranks)
-    previous = total
+    total = previous = _total(specs, ranks)
     last = None
-    for i in order_owners[order]:
+    for i in _drop_order(specs, spectra):
         if total <= budget:
             break
         s = specs[i]

@@ -22,31 +22,27 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from plrd.core.budget import Budget
+from plrd.core.checks import check_finite, check_gram, check_weight
 from plrd.core.counting import count_parameters
 from plrd.core.factorize import (
     Whitening,
-    check_finite,
-    check_gram,
-    check_weight,
     cholesky_factor,
     lowrank_spectral_factors,
     spectral_factors,
 )
+from plrd.core.kinds import dense_weight, is_lowrank, layer_shape, set_submodule
 from plrd.core.layer import LowRankLinear
-from plrd.core.ranks import LayerSpec, global_ranks, min_weight_params, uniform_ranks
+from plrd.core.ranks import global_ranks, uniform_ranks
 from plrd.core.report import DecompositionReport, LayerChange
-from plrd.core.targets import (
-    Patterns,
-    dense_weight,
-    find_targets,
-    is_lowrank,
-    layer_shape,
-    set_submodule,
-)
+from plrd.core.targets import Patterns, find_targets
+from plrd.errors import InputError
 
 METHODS = ("whiten", "svd")
 ALLOCATIONS = ("uniform", "global")
@@ -54,36 +50,69 @@ ALLOCATIONS = ("uniform", "global")
 __all__ = ["decompose", "DecompositionReport", "LayerChange"]
 
 
+# --- checks -----------------------------------------------------------------------------------
+
+
 def _check_keep(keep: float) -> float:
     if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
-        raise ValueError(f"keep must be a number in (0, 1], got {keep!r}")
+        raise InputError(f"keep must be a number in (0, 1], got {keep!r}")
     keep = float(keep)
     if not math.isfinite(keep) or not 0.0 < keep <= 1.0:
-        raise ValueError(
+        raise InputError(
             f"keep={keep!r} is outside (0, 1]; pass the fraction of the model's current "
             f"parameters to keep, e.g. keep=0.8"
         )
     return keep
 
 
+def _check_arguments(
+    model: nn.Module, keep: float, grams: object, method: str, allocation: str
+) -> float:
+    """Check decompose's arguments other than the layers; return ``keep`` as a float."""
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"decompose needs a torch.nn.Module as model, got {type(model).__name__}; pass the "
+            "model object itself"
+        )
+    if grams is not None and not isinstance(grams, Mapping):
+        raise InputError(
+            f"grams must map layer names to Gram matrices (plrd.collect_grams output), got "
+            f"{type(grams).__name__}; pass grams=plrd.collect_grams(model, batches)"
+        )
+    keep = _check_keep(keep)
+    if method not in METHODS:
+        raise InputError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
+    if allocation not in ALLOCATIONS:
+        raise InputError(
+            f"allocation={allocation!r} is unknown; choose one of {', '.join(ALLOCATIONS)}"
+        )
+    return keep
+
+
+def _check_grams_present(layers: Mapping[str, nn.Module], grams: Mapping | None) -> None:
+    if grams is None:
+        raise InputError(
+            "method='whiten' needs the layers' input Gram matrices: call "
+            "grams = plrd.collect_grams(model, batches) first and pass grams=grams, "
+            "or use method='svd' (plain SVD, usually much worse for LLMs)"
+        )
+    missing = [n for n in layers if n not in grams]
+    if missing:
+        raise InputError(
+            f"no Gram matrix for {len(missing)} targeted layer(s), e.g. {missing[0]!r}; "
+            "collect the grams with the same targets/exclude as decompose "
+            "(plrd.collect_grams(model, batches, targets=..., exclude=...))"
+        )
+
+
 def _check_layers(
     layers: Mapping[str, nn.Module], grams: Mapping[str, Tensor] | None, method: str
 ) -> None:
+    """Weights finite and materialised; for ``whiten``, a well-formed Gram per layer (a Gram
+    shared by several layers is checked once)."""
     if method == "whiten":
-        if grams is None:
-            raise ValueError(
-                "method='whiten' needs the layers' input Gram matrices: call "
-                "grams = plrd.collect_grams(model, batches) first and pass grams=grams, "
-                "or use method='svd' (plain SVD, usually much worse for LLMs)"
-            )
-        missing = [n for n in layers if n not in grams]
-        if missing:
-            raise ValueError(
-                f"no Gram matrix for {len(missing)} targeted layer(s), e.g. {missing[0]!r}; "
-                "collect the grams with the same targets/exclude as decompose "
-                "(plrd.collect_grams(model, batches, targets=..., exclude=...))"
-            )
-    checked: set[int] = set()
+        _check_grams_present(layers, grams)
+    checked: set[tuple[int, int]] = set()
     for name, module in layers.items():
         if is_lowrank(module):
             check_weight(module.up.detach(), "up", name)
@@ -94,16 +123,27 @@ def _check_layers(
         if bias is not None:
             check_finite(bias.detach(), "bias", name)
         if method == "whiten":
-            gram = grams[name]
-            key = (id(gram), layer_shape(module)[0])
-            if key not in checked:
-                check_gram(gram, layer_shape(module)[0], name)
-                checked.add(key)
+            gram, n_in = grams[name], layer_shape(module)[0]
+            if (id(gram), n_in) not in checked:
+                check_gram(gram, n_in, name)
+                checked.add((id(gram), n_in))
 
 
-def _spec(name: str, module: nn.Module) -> LayerSpec:
-    n_in, n_out = layer_shape(module)
-    return LayerSpec(name, n_in, n_out, module.rank if is_lowrank(module) else None)
+def _check_reachable(keep: float, budget: Budget) -> int:
+    """``round(keep·N)``, the target parameter count; InputError when it is below reach."""
+    target = round(keep * budget.total)
+    if target < budget.smallest:
+        raise InputError(
+            f"keep={keep:g} is unreachable: {budget.total:,} parameters now, target "
+            f"{target:,}, but with rank 1 in all {len(budget.specs)} targeted layers the model "
+            f"still has {budget.smallest:,} (the untargeted parameters alone are "
+            f"{budget.fixed:,}); the smallest reachable keep is "
+            f"{budget.smallest_fraction:.4f}: raise keep or target more layers"
+        )
+    return target
+
+
+# --- factors ----------------------------------------------------------------------------------
 
 
 class _Whitenings:
@@ -138,6 +178,48 @@ def _factors(
     return spectral_factors(dense_weight(module).detach(), keep, white, name)
 
 
+@dataclass
+class _Plan:
+    """The allocation's outcome: rank per layer (None = unchanged), the factors computed on
+    the way (name → (up [out, k], down [k, in]) in the layer's dtype, k ≥ its new rank), and
+    the relative ridge of every layer whose Gram was factored."""
+
+    ranks: dict[str, int | None]
+    cached: dict[str, tuple[Tensor, Tensor]]
+    ridges: dict[str, float]
+
+
+def _allocate(
+    layers: Mapping[str, nn.Module],
+    budget: Budget,
+    target: int,
+    allocation: str,
+    whitenings: _Whitenings,
+    progress: bool,
+) -> _Plan:
+    """Ranks bringing the model to ``target`` parameters (targeted weights to target − fixed).
+
+    ``uniform`` needs shapes only. ``global`` needs every layer's (whitened) spectrum: one SVD
+    per layer gives it together with the top factors up to the largest useful rank (threshold
+    − 1), which are kept for the layers that change, so no layer is factored twice.
+    """
+    weights = target - budget.fixed
+    if allocation == "uniform":
+        return _Plan(uniform_ranks(budget.specs, weights), {}, {})
+    spectra, cached, ridges = {}, {}, {}
+    for spec in tqdm(budget.specs, desc="spectra", unit="layer", disable=not progress):
+        module = layers[spec.name]
+        white = whitenings.get(spec.name, module)
+        useful = max(spec.threshold - 1, 0)  # a rank at or above the threshold changes nothing
+        spectra[spec.name], up, down = _factors(module, useful, white, spec.name)
+        ridges[spec.name] = 0.0 if white is None else white.ridge
+        like = _weight(module)
+        cached[spec.name] = (up.to(like.dtype), down.to(like.dtype))
+    ranks = global_ranks(budget.specs, spectra, weights)
+    cached = {n: f for n, f in cached.items() if ranks[n] is not None}
+    return _Plan(ranks, cached, ridges)
+
+
 def _new_layer(
     module: nn.Module, up: Tensor, down: Tensor, white: Whitening | None
 ) -> LowRankLinear:
@@ -149,9 +231,65 @@ def _new_layer(
     return new
 
 
+def _replacements(
+    layers: Mapping[str, nn.Module], plan: _Plan, whitenings: _Whitenings, progress: bool
+) -> dict[str, LowRankLinear]:
+    """The new layer of every layer whose rank changes (the model is not touched yet).
+
+    A layer whose factors the allocation kept takes their first ``rank`` columns/rows
+    (contiguous copies, so the cache is freed); the others are factored at their rank.
+    """
+    changes = {n: r for n, r in plan.ranks.items() if r is not None}
+    new_modules: dict[str, LowRankLinear] = {}
+    for name in tqdm(changes, desc="factoring", unit="layer", disable=not progress):
+        module, rank = layers[name], changes[name]
+        white = whitenings.get(name, module)
+        if name in plan.cached:
+            up, down = plan.cached.pop(name)
+            up = up[:, :rank].clone(memory_format=torch.contiguous_format)
+            down = down[:rank].clone(memory_format=torch.contiguous_format)
+        else:
+            _, up, down = _factors(module, rank, white, name)
+        new_modules[name] = _new_layer(module, up, down, white)
+        plan.ridges[name] = new_modules[name].ridge
+    return new_modules
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
 def _bias_params(module: nn.Module) -> int:
     bias = getattr(module, "bias", None)
     return 0 if bias is None else bias.numel()
+
+
+def _changes(
+    layers: Mapping[str, nn.Module],
+    budget: Budget,
+    new_modules: Mapping[str, LowRankLinear],
+    ridges: Mapping[str, float],
+) -> list[LayerChange]:
+    """One report row per targeted layer: ranks and parameters (bias included) before/after."""
+    rows = []
+    for spec in budget.specs:
+        bias = _bias_params(layers[spec.name])
+        new = new_modules.get(spec.name)
+        rows.append(
+            LayerChange(
+                name=spec.name,
+                in_features=spec.in_features,
+                out_features=spec.out_features,
+                rank_before=spec.rank,
+                rank_after=spec.rank if new is None else new.rank,
+                params_before=spec.weight_params + bias,
+                params_after=(spec.weight_params if new is None else new.rank * spec.step) + bias,
+                ridge=ridges.get(spec.name, 0.0),
+            )
+        )
+    return rows
+
+
+# --- decompose --------------------------------------------------------------------------------
 
 
 def decompose(
@@ -180,100 +318,29 @@ def decompose(
         progress: show a progress bar over the layers being factored.
 
     Returns a :class:`DecompositionReport` (``print(report)`` shows a table). Raises
-    ``ValueError`` for a ``keep`` outside (0, 1] or below the smallest reachable value, unknown
-    method/allocation, missing or malformed Gram matrices, or non-finite weights (naming the
-    layer); the model is unchanged when it raises.
+    ``InputError`` (a ``ValueError``) for a ``keep`` outside (0, 1] or below
+    ``plrd.core.budget.smallest_fraction``, unknown method/allocation, missing or malformed
+    Gram matrices, or non-finite weights (naming the layer); the model is unchanged when it
+    raises.
     """
-    from tqdm.auto import tqdm
-
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"decompose needs a torch.nn.Module as model, got {type(model).__name__}")
-    if grams is not None and not isinstance(grams, Mapping):
-        raise ValueError(
-            f"grams must map layer names to Gram matrices (plrd.collect_grams output), got "
-            f"{type(grams).__name__}"
-        )
-    keep = _check_keep(keep)
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
-    if allocation not in ALLOCATIONS:
-        raise ValueError(
-            f"allocation={allocation!r} is unknown; choose one of {', '.join(ALLOCATIONS)}"
-        )
+    keep = _check_arguments(model, keep, grams, method, allocation)
     layers = find_targets(model, targets, exclude)
     _check_layers(layers, grams, method)
+    budget = Budget.of(model, layers)
+    target = _check_reachable(keep, budget)
+
     layer_grams = {n: grams[n] for n in layers} if method == "whiten" else dict.fromkeys(layers)
-
-    total = count_parameters(model)
-    specs = [_spec(name, module) for name, module in layers.items()]
-    fixed = total - sum(s.weight_params for s in specs)
-    target = round(keep * total)
-    budget = target - fixed
-    smallest = fixed + min_weight_params(specs)
-    if target < smallest:
-        raise ValueError(
-            f"keep={keep:g} is unreachable: {total:,} parameters now, target {target:,}, but "
-            f"with rank 1 in all {len(specs)} targeted layers the model still has {smallest:,} "
-            f"(the untargeted parameters alone are {fixed:,}); the smallest reachable keep is "
-            f"{smallest / total:.4f}: raise keep or target more layers"
-        )
-
     whitenings = _Whitenings(layer_grams)
-    ridges: dict[str, float] = {}  # layers whose Gram was factored: its relative ridge
-    cached: dict[str, tuple[Tensor, Tensor]] = {}
-    if allocation == "uniform":
-        ranks = uniform_ranks(specs, budget)
-    else:
-        spectra = {}
-        for spec in tqdm(specs, desc="spectra", unit="layer", disable=not progress):
-            module = layers[spec.name]
-            white = whitenings.get(spec.name, module)
-            useful = max(spec.threshold - 1, 0)  # a rank at or above the threshold changes nothing
-            spectra[spec.name], up, down = _factors(module, useful, white, spec.name)
-            ridges[spec.name] = 0.0 if white is None else white.ridge
-            like = _weight(module)
-            cached[spec.name] = (up.to(like.dtype), down.to(like.dtype))
-        ranks = global_ranks(specs, spectra, budget)
-
-    changes = {n: r for n, r in ranks.items() if r is not None}
-    cached = {n: f for n, f in cached.items() if n in changes}
-    new_modules: dict[str, LowRankLinear] = {}
-    for name in tqdm(changes, desc="factoring", unit="layer", disable=not progress):
-        module, rank = layers[name], changes[name]
-        white = whitenings.get(name, module)
-        if name in cached:
-            up, down = cached.pop(name)
-            up = up[:, :rank].clone(memory_format=torch.contiguous_format)
-            down = down[:rank].clone(memory_format=torch.contiguous_format)
-        else:
-            _, up, down = _factors(module, rank, white, name)
-        new_modules[name] = _new_layer(module, up, down, white)
-        ridges[name] = new_modules[name].ridge
-
-    rows = []
-    for spec in specs:
-        module = layers[spec.name]
-        bias = _bias_params(module)
-        new = new_modules.get(spec.name)
-        rows.append(
-            LayerChange(
-                name=spec.name,
-                in_features=spec.in_features,
-                out_features=spec.out_features,
-                rank_before=spec.rank,
-                rank_after=spec.rank if new is None else new.rank,
-                params_before=spec.weight_params + bias,
-                params_after=(spec.weight_params if new is None else new.rank * spec.step) + bias,
-                ridge=ridges.get(spec.name, 0.0),
-            )
-        )
+    plan = _allocate(layers, budget, target, allocation, whitenings, progress)
+    new_modules = _replacements(layers, plan, whitenings, progress)
+    rows = _changes(layers, budget, new_modules, plan.ridges)
     for name, new in new_modules.items():
         set_submodule(model, name, new)
     return DecompositionReport(
         keep=keep,
         method=method,
         allocation=allocation,
-        params_before=total,
+        params_before=budget.total,
         params_after=count_parameters(model),
         target_params=target,
         layers=rows,

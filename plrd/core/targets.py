@@ -1,11 +1,7 @@
 """Which layers of a model are decomposed: layer kinds and PEFT-style name patterns.
 
-Three layer kinds are "linear" here, all computing ``y = x Wᵀ + b`` with W of shape [out, in]:
-
-- ``torch.nn.Linear`` (weight [out, in]);
-- Hugging Face ``Conv1D`` (GPT-2 family; weight stored transposed, [in, out]), recognised by
-  class name so that transformers is never imported here;
-- ``plrd.LowRankLinear`` (W = up @ down, already factored).
+The linear layer kinds (``nn.Linear``, Hugging Face ``Conv1D``, ``LowRankLinear``) are defined
+in ``plrd.core.kinds``.
 
 Default targets: every linear layer except output heads and anything tied to an embedding
 (``lm_head``, the module returned by ``get_output_embeddings()``, any layer whose weight shares
@@ -28,69 +24,13 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from plrd.core.kinds import is_linear_like
+from plrd.errors import InputError
+
 Patterns = str | Iterable[str] | None
 
 _REGEX_CHARS = set("\\^$(){}+|")
 _HEAD_NAMES = ("lm_head",)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """True for Hugging Face ``Conv1D`` (weight [in, out], ``y = x W + b``)."""
-    return (
-        type(module).__name__ == "Conv1D"
-        and isinstance(getattr(module, "weight", None), torch.Tensor)
-        and module.weight.dim() == 2
-    )
-
-
-def is_lowrank(module: nn.Module) -> bool:
-    """True for ``plrd.LowRankLinear``."""
-    from plrd.core.layer import LowRankLinear
-
-    return isinstance(module, LowRankLinear)
-
-
-def is_dense(module: nn.Module) -> bool:
-    """True for a dense linear layer: ``nn.Linear`` or HF ``Conv1D``."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """True for any layer plrd can decompose (dense or already factored)."""
-    return is_dense(module) or is_lowrank(module)
-
-
-def layer_shape(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a linear-like layer."""
-    if is_conv1d(module):
-        n_in, n_out = module.weight.shape
-        return int(n_in), int(n_out)
-    return int(module.in_features), int(module.out_features)
-
-
-def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The [out, in] weight of a dense layer (a transposed view for ``Conv1D``)."""
-    return module.weight.t() if is_conv1d(module) else module.weight
-
-
-def as_linear(module: nn.Module) -> nn.Linear:
-    """An ``nn.Linear`` computing the same map as a dense layer, sharing its tensors.
-
-    ``nn.Linear`` is returned unchanged; a ``Conv1D`` (weight [in, out]) becomes a Linear whose
-    weight is the transposed view [out, in] of the same storage (nothing is copied).
-    """
-    if isinstance(module, nn.Linear):
-        return module
-    if not is_conv1d(module):
-        raise ValueError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
-    n_in, n_out = layer_shape(module)
-    bias = getattr(module, "bias", None)
-    linear = nn.Linear(n_in, n_out, bias=bias is not None, device="meta")
-    weight = module.weight
-    linear.weight = nn.Parameter(weight.detach().t(), requires_grad=weight.requires_grad)
-    if bias is not None:
-        linear.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
-    return linear
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -137,14 +77,14 @@ def _as_list(patterns: Patterns) -> list[str]:
     if isinstance(patterns, str):
         return [patterns]
     if not isinstance(patterns, Iterable):
-        raise ValueError(
+        raise InputError(
             f"layer patterns must be a string or a list of strings, got {patterns!r}; "
             'e.g. targets="mlp.*" or targets=["q_proj", "v_proj"]'
         )
     out = list(patterns)
     for p in out:
         if not isinstance(p, str):
-            raise ValueError(
+            raise InputError(
                 f"layer patterns must be strings, got {p!r} in {out!r}; "
                 'e.g. targets=["q_proj", "v_proj"]'
             )
@@ -166,7 +106,10 @@ def _regex(pattern: str) -> Callable[[str], bool]:
     try:
         rx = re.compile(pattern)
     except re.error as e:
-        raise ValueError(f"invalid layer pattern {pattern!r}: {e}") from e
+        raise InputError(
+            f"invalid layer pattern {pattern!r}: {e}; fix the regular expression or write a "
+            "glob such as 'mlp.*'"
+        ) from e
     return lambda name: any(rx.fullmatch(s) for s in _suffixes(name))
 
 
@@ -189,13 +132,8 @@ def pattern_matcher(pattern: str, names: Iterable[str]) -> Callable[[str], bool]
         return glob
     try:
         return _regex(pattern)
-    except ValueError:
+    except InputError:
         return glob
-
-
-def matches(name: str, pattern: str) -> bool:
-    """Whether a qualified module name (or one of its dotted suffixes) matches ``pattern``."""
-    return pattern_matcher(pattern, [name])(name)
 
 
 def _preview(names: Iterable[str], limit: int = 8) -> str:
@@ -213,7 +151,7 @@ def find_targets(
     ``targets=None`` selects every linear layer except heads/tied layers (see module docs);
     explicit ``targets`` may also select an untied head but never a layer tied to an embedding.
     ``exclude`` then removes layers; an exclude pattern matching nothing is ignored (one list can
-    serve several architectures). Raises ``ValueError`` when a target pattern matches no linear
+    serve several architectures). Raises ``InputError`` when a target pattern matches no linear
     layer (the message lists the available names) or when the selection is empty.
     """
     layers = linear_layers(model)
@@ -221,8 +159,9 @@ def find_targets(
     target_list = _as_list(targets)
     exclude_list = _as_list(exclude)
     if not layers:
-        raise ValueError(
-            f"{type(model).__name__} has no nn.Linear, Conv1D or LowRankLinear layer to decompose"
+        raise InputError(
+            f"{type(model).__name__} has no nn.Linear, Conv1D or LowRankLinear layer to "
+            "decompose; plrd factors linear layers only, pass a model that has some"
         )
     if targets is None:
         chosen = {n: m for n, m in layers.items() if n not in heads}
@@ -239,7 +178,7 @@ def find_targets(
         keep = [pattern_matcher(p, eligible) for p in target_list]
         for p, match in zip(target_list, keep, strict=True):
             if not any(match(n) for n in eligible):
-                raise ValueError(
+                raise InputError(
                     f"target pattern {p!r} matches no linear layer of {type(model).__name__}; "
                     f"available layers: {_preview(eligible)}"
                 )
@@ -247,15 +186,8 @@ def find_targets(
     drop = [pattern_matcher(p, layers) for p in exclude_list]
     chosen = {n: m for n, m in chosen.items() if not any(match(n) for match in drop)}
     if not chosen:
-        raise ValueError(
+        raise InputError(
             f"no layer left to decompose in {type(model).__name__} after targets={targets!r}, "
             f"exclude={exclude!r}; available layers: {_preview(layers)}"
         )
     return chosen
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at qualified ``name`` by ``module``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)

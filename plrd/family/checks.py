@@ -7,9 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from plrd.core.counting import count_parameters
-from plrd.core.ranks import LayerSpec, min_weight_params
-from plrd.core.targets import find_targets, is_lowrank, layer_shape, linear_layers
+from plrd.core.budget import smallest_fraction
+from plrd.core.targets import find_targets, linear_layers
 from plrd.errors import ConfigError, InputError
 from plrd.family.config import FamilyConfig
 from plrd.family.device import resolve_device
@@ -49,19 +48,8 @@ def check_inputs(cfg: FamilyConfig, out: str | None) -> tuple[list[str], torch.d
     check_model_source(cfg.model)
     resolved = resolve_device(cfg.device)
     if out is not None:
-        check_writable_dir(out, "out")
+        check_writable_dir(out, option="out")
     return documents, resolved
-
-
-def smallest_fraction(model: torch.nn.Module) -> float:
-    """The smallest fraction of its parameters ``model`` can be cut to: rank 1 in every
-    targeted layer."""
-    specs = [
-        LayerSpec(n, *layer_shape(m), m.rank if is_lowrank(m) else None)
-        for n, m in find_targets(model).items()
-    ]
-    total = count_parameters(model)
-    return (total - sum(s.weight_params for s in specs) + min_weight_params(specs)) / total
 
 
 def check_model(

@@ -35,11 +35,10 @@ from plrd.family.train_state import checkpoint_dir, has_checkpoint, verify_state
 from plrd.family.trainer import Trainer, TrainResult
 from plrd.io.atomic import read_json, write_json, write_text
 from plrd.io.checkpoint import load, verify_checkpoint
-from plrd.io.members import load_pretrained, save_member, verify_member
-from plrd.io.models import _empty_model as empty_model
+from plrd.io.hf import empty_model
+from plrd.io.members import MEMBER_FILE, load_pretrained, save_member, verify_member
 
 STAGE_FILE = "stage.json"
-MEMBER_FILE = "member.json"
 REPORT_FILE = "decompose.txt"
 
 

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from plrd.errors import ConfigError, DamagedFileError, InputError
+
 
 def _current_umask() -> int:
     """The process umask (read by setting and restoring it; there is no read-only call)."""
@@ -71,8 +73,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in ``path``; DamagedFileError naming the file when it is not UTF-8 JSON
+    (a missing file raises FileNotFoundError)."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DamagedFileError(
+                f"{path}: cannot be read as JSON ({err}): the file is damaged; restore it or "
+                "write it again"
+            ) from None
 
 
 @contextlib.contextmanager
@@ -117,16 +127,22 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> None:
                 entry.unlink(missing_ok=True)
 
 
-def check_writable_dir(path: str | os.PathLike, flag: str = "--out") -> None:
-    """Raise ValueError unless ``path`` is (or can be created as) a directory we can write into.
+def _refuse(option: str | None, problem: str) -> InputError:
+    return InputError(problem) if option is None else ConfigError(option, problem)
 
-    Tries it for real: creates the missing directories and a temporary file in the deepest one,
-    then removes what it created, so a check that passes leaves the file system as it was. (A
-    permission test alone is not enough: root passes every ``os.access`` test.)
+
+def check_writable_dir(path: str | os.PathLike, option: str | None = None) -> None:
+    """Raise InputError unless ``path`` is (or can be created as) a directory we can write into.
+
+    ``option``, when given, names the setting that holds ``path``: the error is then a
+    ``ConfigError`` for it. Tries it for real: creates the missing directories and a temporary
+    file in the deepest one, then removes what it created, so a check that passes leaves the
+    file system as it was. (A permission test alone is not enough: root passes every
+    ``os.access`` test.)
     """
     target = Path(path).expanduser()
     if target.exists() and not target.is_dir():
-        raise ValueError(f"{flag} {path} exists and is not a directory; pass a directory path")
+        raise _refuse(option, f"{path} exists and is not a directory; pass a directory path")
     missing = []
     p = target
     while not p.exists() and p != p.parent:
@@ -142,9 +158,10 @@ def check_writable_dir(path: str | os.PathLike, flag: str = "--out") -> None:
         os.unlink(name)
     except OSError as err:
         reason = err.strerror or type(err).__name__
-        raise ValueError(
-            f"{flag} {path} is not writable ({reason}: {err.filename or path}); choose a "
-            "directory you can write to"
+        raise _refuse(
+            option,
+            f"{path} is not writable ({reason}: {err.filename or path}); choose a directory "
+            "you can write to",
         ) from None
     finally:
         for d in reversed(created):

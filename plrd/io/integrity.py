@@ -4,11 +4,11 @@ A safetensors file is an 8-byte little-endian header length N, N bytes of JSON h
 ``{name: {"dtype": ..., "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}``,
 then the data buffer (offsets relative to its start). A complete file is exactly
 ``8 + N + max(end)`` bytes and each tensor spans ``prod(shape)·itemsize`` bytes. Checking this
-before loading turns a truncated or garbled file into a ``ValueError`` naming the file, instead
-of an error from deep inside the loader.
+before loading turns a truncated or garbled file into a ``DamagedFileError`` naming the file,
+instead of an error from deep inside the loader.
 
-Every error raised here is a ``ValueError`` whose message starts with the file's path and ends
-with what to do about it.
+Every error raised here is a ``plrd.errors.DamagedFileError`` (a ``ValueError``) whose message
+starts with the file's path and ends with what to do about it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+
+from plrd.errors import DamagedFileError
 
 CHUNK_BYTES = 1 << 20
 """Read size for hashing."""
@@ -58,7 +60,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def file_record(path: str | os.PathLike) -> dict[str, Any]:
-    """``{"file": name, "bytes": size, "sha256": hex}`` of a file, for a manifest."""
+    """``{"file": name, "bytes": size, "sha256": hex}`` of a file, as a checkpoint records it."""
     path = Path(path)
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
@@ -69,7 +71,7 @@ def is_sha256(value: Any) -> bool:
 
 
 def check_record(path: str | os.PathLike, size: int, sha256: str) -> None:
-    """Raise ValueError unless the file has ``size`` bytes and SHA-256 ``sha256``.
+    """Raise DamagedFileError unless the file has ``size`` bytes and SHA-256 ``sha256``.
 
     The size is compared first (free), so a truncated file is reported as such without reading.
     """
@@ -77,13 +79,13 @@ def check_record(path: str | os.PathLike, size: int, sha256: str) -> None:
     actual = path.stat().st_size
     if actual != size:
         what = "truncated" if actual < size else "longer than when it was written"
-        raise ValueError(
+        raise DamagedFileError(
             f"{path}: size mismatch (expected {size:,} bytes, got {actual:,}): the file is "
             f"{what}, so it is corrupt or was modified; {RESTORE}"
         )
     got = sha256_file(path)
     if got != sha256:
-        raise ValueError(
+        raise DamagedFileError(
             f"{path}: checksum mismatch (expected sha256 {sha256}, got {got}): the file is "
             f"corrupt or was modified; {RESTORE}"
         )
@@ -119,7 +121,7 @@ def _entry_error(entry: Any) -> str | None:
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{tensor name: (dtype, shape)}`` of a safetensors file, after checking its structure.
 
-    Raises ValueError naming the file when it is too short, its header is not JSON or has a
+    Raises DamagedFileError naming the file when it is too short, its header is not JSON or has a
     malformed entry, or its length disagrees with the header (truncated or padded file).
     """
     path = Path(path)
@@ -127,12 +129,12 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, tup
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(
+            raise DamagedFileError(
                 f"{path}: {size} bytes is too short to be a safetensors file; {RESTORE}"
             )
         length = int.from_bytes(head, "little")
         if length > MAX_HEADER_BYTES or 8 + length > size:
-            raise ValueError(
+            raise DamagedFileError(
                 f"{path}: the header length word says {length:,} bytes but the file has "
                 f"{size:,}: the file is truncated or is not safetensors; {RESTORE}"
             )
@@ -140,12 +142,12 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, tup
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(
+        raise DamagedFileError(
             f"{path}: the safetensors header is not valid JSON ({e}): the file is corrupt; "
             f"{RESTORE}"
         ) from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: the safetensors header is not a JSON object; {RESTORE}")
+        raise DamagedFileError(f"{path}: the safetensors header is not a JSON object; {RESTORE}")
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     end = 0
     for key, entry in header.items():
@@ -153,19 +155,19 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, tup
             continue
         problem = _entry_error(entry)
         if problem is not None:
-            raise ValueError(
+            raise DamagedFileError(
                 f"{path}: header entry {key!r} {problem}: the file is corrupt; {RESTORE}"
             )
         end = max(end, entry["data_offsets"][1])
         tensors[key] = (entry["dtype"], tuple(entry["shape"]))
     data = size - 8 - length
     if data < end:
-        raise ValueError(
+        raise DamagedFileError(
             f"{path}: the header describes {end:,} bytes of tensor data but the file holds "
             f"only {data:,}: the file is truncated (an interrupted write or copy?); {RESTORE}"
         )
     if data > end:
-        raise ValueError(
+        raise DamagedFileError(
             f"{path}: {data - end:,} bytes follow the last tensor the header describes: the file "
             f"is corrupt or was appended to; {RESTORE}"
         )

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import plrd
+from plrd.errors import InputError
 from tests.tiny_models import tiny_bert, tiny_gpt2, token_batches
 
 
@@ -87,6 +88,62 @@ def test_sharing_that_stops_is_split_exactly():
     torch.testing.assert_close(grams["b"], reference["b"])
 
 
+class InPlace(nn.Module):
+    """a reads x; the forward then doubles x in place; b reads the changed x (the same object).
+
+    From forward ``share_until`` + 1 on, the doubling happens before a, so a and b read the
+    same data: a Gram shared for a while, then split exactly.
+    """
+
+    def __init__(self, share_until: int = 0) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 3), nn.Linear(5, 3)
+        self.share_until = share_until
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        x = x.clone()
+        if self.calls <= self.share_until:
+            x.mul_(2)
+        y = self.a(x)
+        if self.calls > self.share_until:
+            x.mul_(2)
+        return y + self.b(x)
+
+
+def test_input_changed_in_place_between_two_layers_is_not_shared():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5)
+    grams = plrd.collect_grams(InPlace(), [x], progress=False)
+    assert grams["a"] is not grams["b"]
+    torch.testing.assert_close(grams["a"], _exact(x))
+    torch.testing.assert_close(grams["b"], _exact(2 * x))  # the data b really read
+
+
+def test_sharing_ended_by_an_in_place_change_is_split_exactly():
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 5) for _ in range(3)]
+    grams = plrd.collect_grams(InPlace(share_until=1), batches, progress=False)
+    reference = _capture(InPlace(share_until=1), batches)
+    assert grams["a"] is not grams["b"]
+    torch.testing.assert_close(grams["a"], reference["a"])
+    torch.testing.assert_close(grams["b"], reference["b"])
+
+
+def test_inference_mode_gives_exact_grams():
+    """Inference tensors keep no write counter: nothing is shared, but every Gram is exact."""
+    torch.manual_seed(0)
+    model = Attention()
+    batches = [torch.randn(3, 5, 6), torch.randn(2, 7, 6)]
+    with torch.inference_mode():
+        grams = plrd.collect_grams(model, batches, progress=False)
+    reference = _capture(model, batches)
+    assert set(grams) == set(reference)
+    for name, gram in grams.items():
+        torch.testing.assert_close(gram, reference[name])
+
+
 def test_llama_projections_share_grams(llama, batches):
     grams = plrd.collect_grams(llama, batches, progress=False)
     layer = "model.layers.0"
@@ -145,11 +202,11 @@ def test_hooks_removed_on_error():
     with pytest.raises(RuntimeError, match="data loader failed"):
         plrd.collect_grams(model, batches(), progress=False)
     assert all(not m._forward_pre_hooks for m in model.modules())
-    with pytest.raises(ValueError, match="no batches"):
+    with pytest.raises(InputError, match="no batches"):
         plrd.collect_grams(model, [], progress=False)
     assert all(not m._forward_pre_hooks for m in model.modules())
 
 
 def test_unknown_target_pattern_names_it():
-    with pytest.raises(ValueError, match=r"'nope_proj'.*available layers: q, k"):
+    with pytest.raises(InputError, match=r"'nope_proj'.*available layers: q, k"):
         plrd.collect_grams(Attention(), [torch.randn(2, 6)], targets="nope_proj", progress=False)

@@ -4,8 +4,17 @@ import torch
 from torch import nn
 
 import plrd
-from plrd.core.counting import dense_params, lowrank_params
 from tests.tiny_models import HIDDEN, VOCAB, tiny_gpt2, tiny_llama
+
+
+def dense_params(in_features: int, out_features: int, bias: bool) -> int:
+    """Parameters of a dense layer: ``in·out (+ out)``."""
+    return in_features * out_features + (out_features if bias else 0)
+
+
+def lowrank_params(in_features: int, out_features: int, rank: int, bias: bool) -> int:
+    """Parameters of a rank-r factored layer: ``r·(in+out) (+ out)``."""
+    return rank * (in_features + out_features) + (out_features if bias else 0)
 
 
 def _naive(model: nn.Module) -> int:

@@ -6,12 +6,12 @@ import torch
 from plrd.core.factorize import (
     break_even_rank,
     cholesky_factor,
-    lowrank_singular_values,
-    singular_values,
+    lowrank_spectral_factors,
     svd_factors,
     truncate_factors,
     whitened_svd_factors,
 )
+from plrd.errors import InputError
 
 
 def _correlated_inputs(n: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -24,6 +24,11 @@ def _correlated_inputs(n: int, dim: int, seed: int = 0) -> torch.Tensor:
 
 def _weight(out: int, inp: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(out, inp, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _whitened_sigma(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Reference: descending σ of W·L with G = L Lᵀ (G positive definite)."""
+    return torch.linalg.svdvals(weight @ torch.linalg.cholesky(gram))
 
 
 def test_break_even_rank():
@@ -49,7 +54,7 @@ def test_whitened_factors_reach_whitened_optimum_and_beat_plain_svd():
         (up, down), ridge = whitened_svd_factors(weight, rank, gram)
         assert ridge == 0.0
         whitened_error = ((x @ (weight - up @ down).T) ** 2).sum()
-        sigma, _ = singular_values(weight, gram)
+        sigma = _whitened_sigma(weight, gram)
         assert torch.allclose(whitened_error, (sigma[rank:] ** 2).sum(), rtol=1e-6)
         plain_up, plain_down = svd_factors(weight, rank)
         plain_error = ((x @ (weight - plain_up @ plain_down).T) ** 2).sum()
@@ -64,7 +69,9 @@ def test_truncate_equals_dense_optimum():
     assert torch.allclose(up @ down, _dense_rank_k(product, 5), atol=1e-9)
     error = torch.linalg.matrix_norm(product - up @ down) ** 2
     assert torch.allclose(error, (sigma[5:] ** 2).sum(), rtol=1e-9)
-    assert torch.allclose(lowrank_singular_values(up0, down0)[0], sigma[:12], rtol=1e-9)
+    core_sigma, no_up, no_down = lowrank_spectral_factors(up0, down0, 0)  # QR core, no dense SVD
+    assert torch.allclose(core_sigma, sigma[:12], rtol=1e-9)
+    assert no_up.shape == (50, 0) and no_down.shape == (0, 40)
 
 
 def test_whitened_truncate_equals_whitened_dense_optimum():
@@ -93,23 +100,23 @@ def test_cholesky_ridge_on_singular_gram():
 
 @pytest.mark.parametrize("rank", [0, -1, 13, 2.5])
 def test_rank_out_of_range_names_layer_and_fix(rank):
-    with pytest.raises(ValueError, match=r"layer 'blk\.q'.*1\.\.12"):
+    with pytest.raises(InputError, match=r"layer 'blk\.q'.*1\.\.12"):
         svd_factors(_weight(12, 20), rank, name="blk.q")
 
 
 def test_nonfinite_weight_and_bad_gram_are_refused():
     weight = _weight(8, 6)
     weight[1, 2] = float("nan")
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(InputError, match="non-finite"):
         svd_factors(weight, 2, name="mlp.up")
-    with pytest.raises(ValueError, match=r"shape \(5, 5\).*\(6, 6\)"):
+    with pytest.raises(InputError, match=r"shape \(5, 5\).*\(6, 6\)"):
         whitened_svd_factors(_weight(8, 6), 2, torch.eye(5), name="mlp.up")
     gram = torch.eye(6)
     gram[0, 0] = float("inf")
-    with pytest.raises(ValueError, match="Gram matrix.*non-finite"):
+    with pytest.raises(InputError, match="Gram matrix.*non-finite"):
         whitened_svd_factors(_weight(8, 6), 2, gram)
 
 
 def test_truncate_cannot_raise_rank():
-    with pytest.raises(ValueError, match="cannot truncate rank 3 up to 4"):
+    with pytest.raises(InputError, match="cannot truncate rank 3 up to 4"):
         truncate_factors(_weight(10, 3), _weight(3, 10), 4)

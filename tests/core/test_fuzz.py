@@ -14,13 +14,17 @@ from torch import nn
 
 import plrd
 from plrd import LowRankLinear
+from plrd.core.budget import smallest_fraction
 from plrd.core.factorize import break_even_rank
+from plrd.core.kinds import layer_shape
 from plrd.core.ranks import LayerSpec
-from plrd.core.targets import find_targets, layer_shape
+from plrd.core.targets import find_targets
+from plrd.errors import InputError
+from tests.helpers import snapshot, unchanged
 from tests.tiny_models import tiny_llama, token_batches
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 SCALE = int(os.environ.get("PLRD_FUZZ_SCALE", "1"))
@@ -193,6 +197,23 @@ def _check_report(model, report, before_ranks, targets):
                 assert module.rank < break_even_rank(n_in, n_out)
 
 
+def _decompose_or_refuse(model, keep, targets=None, exclude=None, **kwargs):
+    """Decompose, checking reach first: a ``keep`` below ``smallest_fraction`` must be refused
+    (model untouched) and returns None; a reachable one must succeed and returns the report.
+    A ``keep`` within one parameter of the boundary (where rounding decides) is not drawn."""
+    total = plrd.count_parameters(model)
+    smallest = smallest_fraction(model, targets, exclude)
+    assume(abs(keep - smallest) * total > 1)
+    event("refused" if keep < smallest else "decomposed")
+    if keep < smallest:
+        before = snapshot(model)
+        with pytest.raises(InputError, match="smallest reachable keep"):
+            plrd.decompose(model, keep, targets, exclude, progress=False, **kwargs)
+        assert unchanged(model, before)
+        return None
+    return plrd.decompose(model, keep, targets, exclude, progress=False, **kwargs)
+
+
 def _ranks(model, names):
     out = {}
     for name in names:
@@ -218,17 +239,9 @@ def test_decompose_stacks(widths, factored, bias, keep, allocation, method, toke
     grams = plrd.collect_grams(model, [x], progress=False) if method == "whiten" else None
     names = list(find_targets(model))
     before_ranks = _ranks(model, names)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
-        report = plrd.decompose(
-            model, keep, grams=grams, allocation=allocation, method=method, progress=False
-        )
-    except ValueError as e:
-        assert "smallest reachable keep" in str(e)
-        now = model.state_dict()
-        assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
-        return
-    _check_report(model, report, before_ranks, names)
+    report = _decompose_or_refuse(model, keep, grams=grams, allocation=allocation, method=method)
+    if report is not None:
+        _check_report(model, report, before_ranks, names)
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
 
@@ -258,27 +271,19 @@ def test_decompose_llama_patterns(llama_and_grams, keep, allocation, targets, ex
         selected = list(find_targets(model, targets, exclude))
     except ValueError:
         assume(False)  # every layer excluded: covered by the validation tests
-    try:
-        report = plrd.decompose(
-            model, keep, targets, exclude, grams=grams, allocation=allocation, progress=False
-        )
-    except ValueError as e:
-        assert "smallest reachable keep" in str(e)
-        return
-    assert [c.name for c in report.layers] == selected
-    _check_report(model, report, dict.fromkeys(selected), selected)
+    report = _decompose_or_refuse(model, keep, targets, exclude, grams=grams, allocation=allocation)
     for name, module in model.named_modules():  # untargeted layers are untouched
         if isinstance(module, nn.Linear) and name not in selected:
             torch.testing.assert_close(module.weight, parent.get_submodule(name).weight)
+    if report is not None:
+        assert [c.name for c in report.layers] == selected
+        _check_report(model, report, dict.fromkeys(selected), selected)
     if twice:
         before_ranks = _ranks(model, selected)
-        try:
-            again = plrd.decompose(
-                model, 0.9, targets, exclude, method="svd", allocation=allocation, progress=False
-            )
-        except ValueError as e:
-            assert "smallest reachable keep" in str(e)
-        else:
+        again = _decompose_or_refuse(
+            model, 0.9, targets, exclude, method="svd", allocation=allocation
+        )
+        if again is not None:
             _check_report(model, again, before_ranks, selected)
     with torch.no_grad():
         assert torch.isfinite(model(token_batches(count=1)[0]).logits).all()

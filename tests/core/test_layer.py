@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from plrd import LowRankLinear
+from plrd.errors import InputError
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -88,11 +89,11 @@ def test_gradients_flow_to_all_parameters():
 
 
 def test_bad_rank_and_gram_raise_value_error():
-    with pytest.raises(ValueError, match="rank 0"):
+    with pytest.raises(InputError, match="rank 0"):
         LowRankLinear(8, 6, 0)
-    with pytest.raises(ValueError, match="rank 7"):
+    with pytest.raises(InputError, match="rank 7"):
         LowRankLinear.from_linear(nn.Linear(8, 6), 7, name="h.0.attn")
-    with pytest.raises(ValueError, match=r"'h\.0\.attn'.*Gram"):
+    with pytest.raises(InputError, match=r"'h\.0\.attn'.*Gram"):
         LowRankLinear.from_linear(nn.Linear(8, 6), 2, gram=torch.eye(6), name="h.0.attn")
-    with pytest.raises(ValueError, match="Gram"):
+    with pytest.raises(InputError, match="Gram"):
         LowRankLinear(8, 6, 4).truncate(2, gram=torch.eye(3))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from plrd.core.ranks import LayerSpec, global_ranks, min_weight_params, uniform_ranks
+from plrd.errors import InputError
 
 
 def _specs():
@@ -82,6 +83,32 @@ def test_global_uses_error_per_parameter():
     assert ranks == {"wide": 10, "narrow": None}
 
 
+def _dropped_error(specs, spectra, ranks):
+    """Σ σ_j² over the components a choice of ranks drops (the whitened output error)."""
+    error = 0.0
+    for s in specs:
+        kept = s.max_rank if ranks[s.name] is None else ranks[s.name]
+        error += float((spectra[s.name][kept:] ** 2).sum())
+    return error
+
+
+def test_global_scores_error_per_parameter_not_error_alone():
+    # wide (256x32): σ = 2, each component frees 288 weights, cost 4/288 ≈ 0.014 per weight
+    # narrow (32x32): σ = 1, each component frees 64 weights, cost 1/64 ≈ 0.016 per weight
+    # σ² alone would drop narrow's (1 < 4) first: narrow to rank 1, then 19 of wide's, error
+    # 31·1 + 19·4 = 107; per weight, 22 of wide's components meet the budget for 88.
+    specs = [LayerSpec("wide", 256, 32), LayerSpec("narrow", 32, 32)]
+    spectra = {"wide": torch.full((32,), 2.0), "narrow": torch.ones(32)}
+    budget = 1024 + 10 * 288
+    ranks = global_ranks(specs, spectra, budget)
+    assert ranks == {"wide": 10, "narrow": None}
+    assert _total(specs, ranks) == budget
+    by_sigma_alone = {"wide": 13, "narrow": 1}
+    assert _total(specs, by_sigma_alone) <= budget
+    assert _dropped_error(specs, spectra, ranks) == 88.0
+    assert _dropped_error(specs, spectra, by_sigma_alone) == 107.0
+
+
 def test_global_budget_monotone_and_within_a_step():
     torch.manual_seed(0)
     specs = _specs()
@@ -102,5 +129,5 @@ def test_global_budget_monotone_and_within_a_step():
 
 
 def test_global_needs_enough_singular_values():
-    with pytest.raises(ValueError, match="singular values"):
+    with pytest.raises(InputError, match="singular values"):
         global_ranks([LayerSpec("a", 16, 16)], {"a": torch.ones(3)}, budget=10)

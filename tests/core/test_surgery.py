@@ -8,15 +8,14 @@ import torch
 from torch import nn
 
 import plrd
-from plrd.core.targets import as_linear, find_targets, head_names
+from plrd.core.budget import smallest_fraction
+from plrd.core.kinds import as_linear
+from plrd.core.targets import find_targets, head_names
+from plrd.errors import InputError
+from tests.helpers import logits, snapshot, unchanged
 from tests.tiny_models import TINY_MODELS, tiny_bert, tiny_gpt2, tiny_llama, token_batches
 
 KEEP = 0.55
-
-
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(batch).logits
 
 
 def _lowrank(model):
@@ -35,7 +34,7 @@ def test_decompose_lands_on_target_then_truncates_further(arch, allocation):
     after = plrd.count_parameters(model)
     assert report.params_before == before and report.params_after == after
     assert abs(after - KEEP * before) <= 0.01 * KEEP * before
-    assert torch.isfinite(_logits(model, batches[0])).all()
+    assert torch.isfinite(logits(model, batches[0])).all()
     first = {n: m.rank for n, m in _lowrank(model).items()}
     assert len(first) >= len(report.layers) // 2
     assert not any(n.endswith(("lm_head", "decoder")) for n in first)
@@ -48,7 +47,7 @@ def test_decompose_lands_on_target_then_truncates_further(arch, allocation):
     ranks = {n: m.rank for n, m in _lowrank(model).items()}
     assert all(ranks[n] <= r for n, r in first.items())  # truncated, never grown
     assert any(ranks[n] < r for n, r in first.items())
-    assert torch.isfinite(_logits(model, batches[0])).all()
+    assert torch.isfinite(logits(model, batches[0])).all()
 
 
 def test_svd_method_needs_no_grams_and_whiten_beats_it_on_calibration_error():
@@ -130,7 +129,7 @@ def test_default_targets_skip_heads_and_tied_layers():
     assert "lm_head" not in find_targets(untied)
     assert "lm_head" in find_targets(untied, targets="lm_head")  # explicit, untied: allowed
     tied = tiny_llama(tie=True)
-    with pytest.raises(ValueError, match="'lm_head' matches no linear layer"):
+    with pytest.raises(InputError, match="'lm_head' matches no linear layer"):
         find_targets(tied, targets="lm_head")  # tied to the embedding: never
     bert = tiny_bert()
     assert "cls.predictions.decoder" in head_names(bert)
@@ -153,48 +152,41 @@ def test_report_table_and_dict():
     assert "model.layers.0.mlp.down_proj" in report.ridges
 
 
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _unchanged(model, state):
-    now = model.state_dict()
-    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
-
-
 @pytest.mark.parametrize("keep", [0.0, -0.5, 1.5, float("nan"), True, "0.5"])
 def test_bad_keep(keep):
     model = tiny_llama()
-    with pytest.raises(ValueError, match="keep"):
+    with pytest.raises(InputError, match="keep"):
         plrd.decompose(model, keep, method="svd", progress=False)
 
 
 def test_unreachable_keep_names_the_minimum():
     model = tiny_llama()
-    state = _state(model)
+    state = snapshot(model)
     layers = find_targets(model).values()
     weights = sum(m.in_features * m.out_features for m in layers)
     smallest = (
         plrd.count_parameters(model) - weights + sum(m.in_features + m.out_features for m in layers)
     )
+    assert smallest_fraction(model) == smallest / plrd.count_parameters(model)
+    assert smallest_fraction(model, targets="mlp.*") > smallest_fraction(model)
     minimum = f"{smallest / plrd.count_parameters(model):.4f}"
-    with pytest.raises(ValueError, match=f"smallest reachable keep is {minimum}"):
+    with pytest.raises(InputError, match=f"smallest reachable keep is {minimum}"):
         plrd.decompose(model, 0.05, method="svd", progress=False)
-    assert _unchanged(model, state)
+    assert unchanged(model, state)
     report = plrd.decompose(model, float(minimum) + 1e-4, method="svd", progress=False)
     assert {c.rank_after for c in report.layers} == {1}
 
 
 def test_whiten_without_grams_says_how_to_fix():
     model = tiny_llama()
-    with pytest.raises(ValueError, match=r"plrd\.collect_grams.*method='svd'"):
+    with pytest.raises(InputError, match=r"plrd\.collect_grams.*method='svd'"):
         plrd.decompose(model, 0.5, progress=False)
     grams = plrd.collect_grams(model, token_batches(), targets="mlp.*", progress=False)
-    with pytest.raises(ValueError, match="no Gram matrix .*self_attn"):
+    with pytest.raises(InputError, match="no Gram matrix .*self_attn"):
         plrd.decompose(model, 0.5, grams=grams, progress=False)
     grams = plrd.collect_grams(model, token_batches(), progress=False)
     grams["model.layers.0.self_attn.o_proj"] = torch.eye(3, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"o_proj.*\(3, 3\)"):
+    with pytest.raises(InputError, match=r"o_proj.*\(3, 3\)"):
         plrd.decompose(model, 0.5, grams=grams, progress=False)
 
 
@@ -202,8 +194,8 @@ def test_non_finite_weight_names_the_layer_and_leaves_model_untouched():
     model = tiny_llama()
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
-    state = _state(model)
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj.*non-finite"):
+    state = snapshot(model)
+    with pytest.raises(InputError, match=r"model\.layers\.1\.mlp\.up_proj.*non-finite"):
         plrd.decompose(model, 0.5, method="svd", progress=False)
     assert all(
         torch.equal(a, b) or (a.isnan() == b.isnan()).all()
@@ -214,11 +206,11 @@ def test_non_finite_weight_names_the_layer_and_leaves_model_untouched():
 
 def test_unknown_method_allocation_and_pattern():
     model = tiny_llama()
-    with pytest.raises(ValueError, match="method='asvd'.*whiten, svd"):
+    with pytest.raises(InputError, match="method='asvd'.*whiten, svd"):
         plrd.decompose(model, 0.5, method="asvd", progress=False)
-    with pytest.raises(ValueError, match="allocation='greedy'"):
+    with pytest.raises(InputError, match="allocation='greedy'"):
         plrd.decompose(model, 0.5, method="svd", allocation="greedy", progress=False)
-    with pytest.raises(ValueError, match=r"'attn\.qkv'.*available layers: model\.layers\.0"):
+    with pytest.raises(InputError, match=r"'attn\.qkv'.*available layers: model\.layers\.0"):
         plrd.decompose(model, 0.5, targets="attn.qkv", method="svd", progress=False)
 
 

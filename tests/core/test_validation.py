@@ -11,17 +11,9 @@ from torch import nn
 import plrd
 from plrd import LowRankLinear
 from plrd.core.factorize import cholesky_factor
+from plrd.errors import InputError
+from tests.helpers import snapshot, unchanged
 from tests.tiny_models import tiny_gpt2, tiny_llama, token_batches
-
-
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _unchanged(model, state):
-    now = model.state_dict()
-    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
-
 
 # --- LowRankLinear ----------------------------------------------------------------------------
 
@@ -38,23 +30,23 @@ def _unchanged(model, state):
     ],
 )
 def test_constructor_rejects_bad_sizes(args, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message):
         LowRankLinear(*args)
 
 
 def test_constructor_accepts_numpy_integers_and_checks_bias_and_dtype():
     layer = LowRankLinear(np.int64(8), np.int32(4), np.int64(2))
     assert type(layer.rank) is int and layer.rank == 2 and layer.down.shape == (2, 8)
-    with pytest.raises(ValueError, match="bias must be True or False, got 'yes'"):
+    with pytest.raises(InputError, match="bias must be True or False, got 'yes'"):
         LowRankLinear(8, 4, 2, bias="yes")
-    with pytest.raises(ValueError, match=r"dtype=torch\.int64 is not a floating-point.*float32"):
+    with pytest.raises(InputError, match=r"dtype=torch\.int64 is not a floating-point.*float32"):
         LowRankLinear(8, 4, 2, dtype=torch.int64)
 
 
 def test_from_linear_rejects_other_modules_and_accepts_conv1d():
-    with pytest.raises(ValueError, match="needs an nn.Linear .*got Conv2d"):
+    with pytest.raises(InputError, match="needs an nn.Linear .*got Conv2d"):
         LowRankLinear.from_linear(nn.Conv2d(3, 3, 1), 1)
-    with pytest.raises(ValueError, match=r"'blk\.q' is already a LowRankLinear; use layer\.trunc"):
+    with pytest.raises(InputError, match=r"'blk\.q' is already a LowRankLinear; use layer\.trunc"):
         LowRankLinear.from_linear(LowRankLinear(8, 8, 4), 2, name="blk.q")
     conv = tiny_gpt2().transformer.h[0].mlp.c_fc  # weight stored [in, out] = [64, 256]
     layer = LowRankLinear.from_linear(conv, 64)
@@ -64,16 +56,16 @@ def test_from_linear_rejects_other_modules_and_accepts_conv1d():
 
 
 def test_from_linear_rejects_unusable_weights():
-    with pytest.raises(ValueError, match=r"'h\.0': weight \(4, 6\) is on the meta device.*load"):
+    with pytest.raises(InputError, match=r"'h\.0': weight \(4, 6\) is on the meta device.*load"):
         LowRankLinear.from_linear(nn.Linear(6, 4, device="meta"), 2, name="h.0")
     linear = nn.Linear(6, 4)
     linear.weight = nn.Parameter(torch.ones(4, 6, dtype=torch.int8), requires_grad=False)
-    with pytest.raises(ValueError, match=r"'h\.0': weight has dtype torch\.int8.*dequantize"):
+    with pytest.raises(InputError, match=r"'h\.0': weight has dtype torch\.int8.*dequantize"):
         LowRankLinear.from_linear(linear, 2, name="h.0")
     linear = nn.Linear(6, 4)
     with torch.no_grad():
         linear.weight[1, 1] = float("inf")
-    with pytest.raises(ValueError, match=r"'h\.0': weight \(4, 6\) has 1 non-finite value"):
+    with pytest.raises(InputError, match=r"'h\.0': weight \(4, 6\) has 1 non-finite value"):
         LowRankLinear.from_linear(linear, 2, name="h.0")
 
 
@@ -101,17 +93,17 @@ def _gram(n=6, seed=0):
 )
 def test_bad_gram_is_refused_naming_the_layer(make, message):
     gram = make()
-    with pytest.raises(ValueError, match=rf"layer 'mlp\.up'.*{message}"):
+    with pytest.raises(InputError, match=rf"layer 'mlp\.up'.*{message}"):
         LowRankLinear.from_linear(nn.Linear(6, 4), 2, gram=gram, name="mlp.up")
-    with pytest.raises(ValueError, match=rf"layer 'mlp\.up'.*{message}"):
+    with pytest.raises(InputError, match=rf"layer 'mlp\.up'.*{message}"):
         LowRankLinear(6, 4, 3).truncate(2, gram=gram, name="mlp.up")
 
 
 def test_truncate_rank_limits_name_the_layer():
     layer = LowRankLinear(10, 12, 4)
-    with pytest.raises(ValueError, match=r"'a\.b': cannot truncate rank 4 up to 6.*1\.\.4"):
+    with pytest.raises(InputError, match=r"'a\.b': cannot truncate rank 4 up to 6.*1\.\.4"):
         layer.truncate(6, name="a.b")
-    with pytest.raises(ValueError, match=r"'a\.b' \[12x10\]: rank 0 is out of range"):
+    with pytest.raises(InputError, match=r"'a\.b' \[12x10\]: rank 0 is out of range"):
         layer.truncate(0, name="a.b")
 
 
@@ -119,10 +111,10 @@ def test_truncate_rank_limits_name_the_layer():
 
 
 def test_decompose_rejects_non_models_and_non_mapping_grams():
-    with pytest.raises(ValueError, match="decompose needs a torch.nn.Module.*got dict"):
+    with pytest.raises(InputError, match="decompose needs a torch.nn.Module.*got dict"):
         plrd.decompose({}, 0.5)
     model = tiny_llama()
-    with pytest.raises(ValueError, match=r"grams must map layer names.*collect_grams.*got list"):
+    with pytest.raises(InputError, match=r"grams must map layer names.*collect_grams.*got list"):
         plrd.decompose(model, 0.5, grams=[torch.eye(64)])
 
 
@@ -134,18 +126,18 @@ def test_decompose_rejects_non_models_and_non_mapping_grams():
     ],
 )
 def test_decompose_rejects_bad_patterns(targets, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message):
         plrd.decompose(tiny_llama(), 0.5, targets=targets, method="svd", progress=False)
 
 
 def test_models_without_targetable_layers():
     plain = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4))
-    with pytest.raises(ValueError, match="Sequential has no nn.Linear, Conv1D or LowRankLinear"):
+    with pytest.raises(InputError, match="Sequential has no nn.Linear, Conv1D or LowRankLinear"):
         plrd.decompose(plain, 0.5, method="svd", progress=False)
-    with pytest.raises(ValueError, match="no nn.Linear"):
+    with pytest.raises(InputError, match="no nn.Linear"):
         plrd.collect_grams(plain, [torch.zeros(1, 3, dtype=torch.long)], progress=False)
     model = tiny_llama()
-    with pytest.raises(ValueError, match=r"no layer left .*exclude='\*'.*available layers"):
+    with pytest.raises(InputError, match=r"no layer left .*exclude='\*'.*available layers"):
         plrd.decompose(model, 0.5, exclude="*", method="svd", progress=False)
 
 
@@ -161,12 +153,12 @@ def test_decompose_names_the_layer_of_a_bad_gram_and_leaves_model_untouched(corr
     grams = plrd.collect_grams(model, token_batches(), progress=False)
     grams = {name: gram.clone() for name, gram in grams.items()}
     corrupt(grams["model.layers.1.self_attn.o_proj"])
-    state = _state(model)
+    state = snapshot(model)
     with pytest.raises(
         ValueError, match=rf"layer 'model\.layers\.1\.self_attn\.o_proj'.*{message}"
     ):
         plrd.decompose(model, 0.5, grams=grams, progress=False)
-    assert _unchanged(model, state)
+    assert unchanged(model, state)
 
 
 def test_decompose_names_a_factored_layer_with_non_finite_factors():
@@ -174,7 +166,7 @@ def test_decompose_names_a_factored_layer_with_non_finite_factors():
     plrd.decompose(model, 0.7, method="svd", progress=False)
     with torch.no_grad():
         model.model.layers[0].mlp.gate_proj.up[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.gate_proj': up .*non-finite"):
+    with pytest.raises(InputError, match=r"'model\.layers\.0\.mlp\.gate_proj': up .*non-finite"):
         plrd.decompose(model, 0.5, method="svd", progress=False)
 
 
@@ -184,14 +176,14 @@ def test_decompose_names_a_factored_layer_with_non_finite_factors():
 def test_collect_grams_rejects_a_single_tensor_and_empty_batches():
     model = tiny_llama()
     tokens = token_batches(count=1)[0]
-    with pytest.raises(ValueError, match=r"got one batch \(\(2, 16\)\); pass \[batch\]"):
+    with pytest.raises(InputError, match=r"got one batch \(\(2, 16\)\); pass \[batch\]"):
         plrd.collect_grams(model, tokens, progress=False)
-    with pytest.raises(ValueError, match=r"got one batch \(a dict\)"):
+    with pytest.raises(InputError, match=r"got one batch \(a dict\)"):
         plrd.collect_grams(model, {"input_ids": tokens}, progress=False)
     empty = tokens[:, :0]
-    with pytest.raises(ValueError, match=r"calibration batch 1 is empty \(shape \(2, 0\)\)"):
+    with pytest.raises(InputError, match=r"calibration batch 1 is empty \(shape \(2, 0\)\)"):
         plrd.collect_grams(model, [tokens, empty], progress=False)
-    with pytest.raises(ValueError, match="needs a torch.nn.Module as model, got str"):
+    with pytest.raises(InputError, match="needs a torch.nn.Module as model, got str"):
         plrd.collect_grams("llama", [tokens], progress=False)
     assert all(not m._forward_pre_hooks for m in model.modules())
 
@@ -200,7 +192,7 @@ def test_collect_grams_names_the_layer_fed_non_finite_inputs():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     x = torch.randn(3, 4)
     x[1, 2] = float("nan")
-    with pytest.raises(ValueError, match=r"layer '0' received non-finite inputs .*check the"):
+    with pytest.raises(InputError, match=r"layer '0' received non-finite inputs .*check the"):
         plrd.collect_grams(model, [x], progress=False)
 
 
@@ -209,11 +201,11 @@ def test_collect_grams_names_the_layer_fed_non_finite_inputs():
 
 def test_save_load_and_count_reject_bad_arguments(tmp_path):
     model = nn.Linear(3, 2)
-    with pytest.raises(ValueError, match="plrd.save needs a torch.nn.Module as model, got str"):
+    with pytest.raises(InputError, match="plrd.save needs a torch.nn.Module as model, got str"):
         plrd.save("model", tmp_path)
-    with pytest.raises(ValueError, match=r"plrd\.save needs a directory path .*got int"):
+    with pytest.raises(InputError, match=r"plrd\.save needs a directory path .*got int"):
         plrd.save(model, 3)
-    with pytest.raises(ValueError, match=r"parameter 'weight' is on the meta device"):
+    with pytest.raises(InputError, match=r"parameter 'weight' is on the meta device"):
         plrd.save(nn.Linear(3, 2, device="meta"), tmp_path / "meta")
     assert not (tmp_path / "meta").exists()
     plrd.save(model, tmp_path)
@@ -221,9 +213,9 @@ def test_save_load_and_count_reject_bad_arguments(tmp_path):
         ValueError, match="plrd.load needs a torch.nn.Module as model, got NoneType"
     ):
         plrd.load(tmp_path, None)
-    with pytest.raises(ValueError, match="verify must be True or False, got 'yes'"):
+    with pytest.raises(InputError, match="verify must be True or False, got 'yes'"):
         plrd.load(tmp_path, model, verify="yes")
-    with pytest.raises(ValueError, match="count_parameters needs a torch.nn.Module, got list"):
+    with pytest.raises(InputError, match="count_parameters needs a torch.nn.Module, got list"):
         plrd.count_parameters([model])
 
 

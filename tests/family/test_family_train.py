@@ -98,7 +98,7 @@ def test_embeddings_are_frozen_unless_asked(tiny_model_dir, tmp_path):
 
 def test_interrupted_stage_resumes_to_identical_weights(tiny_model_dir, tmp_path):
     from plrd.io.checkpoint import load
-    from plrd.io.models import _empty_model
+    from plrd.io.hf import empty_model as _empty_model
 
     blocks = _blocks(tiny_model_dir)
     teacher = _tiny(tiny_model_dir)

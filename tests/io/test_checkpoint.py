@@ -8,38 +8,22 @@ from safetensors import safe_open
 from torch import nn
 
 import plrd
-from plrd.io.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
+from plrd.errors import DamagedFileError, InputError
+from plrd.io.info import INFO_FILE, WEIGHTS_FILE
+from tests.helpers import decomposed, logits, snapshot, unchanged, written
 from tests.tiny_models import TINY_MODELS, tiny_gpt2, tiny_llama, token_batches
-
-HF_CONFIG_FILES = {"config.json", "generation_config.json"}
-
-
-def _written(directory) -> list[str]:
-    """Files in a checkpoint directory besides the Hugging Face config plrd.save adds."""
-    return sorted(p.name for p in directory.iterdir() if p.name not in HF_CONFIG_FILES)
-
-
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(batch).logits
-
-
-def _decomposed(build, keep=0.6):
-    model = build()
-    plrd.decompose(model, keep, method="svd", progress=False)
-    return model
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_round_trip_gives_identical_outputs(arch, tmp_path):
     build = TINY_MODELS[arch]
-    model = _decomposed(build)
+    model = decomposed(build)
     batch = token_batches(count=1)[0]
-    expected = _logits(model, batch)
+    expected = logits(model, batch)
     plrd.save(model, tmp_path / "ckpt")
 
-    assert _written(tmp_path / "ckpt") == [WEIGHTS_NAME, MANIFEST_NAME]
-    info = json.loads((tmp_path / "ckpt" / MANIFEST_NAME).read_text())
+    assert written(tmp_path / "ckpt") == [WEIGHTS_FILE, INFO_FILE]
+    info = json.loads((tmp_path / "ckpt" / INFO_FILE).read_text())
     assert info["format"] == "plrd" and info["format_version"] == 2
     assert info["num_parameters"] == plrd.count_parameters(model)
     assert info["dtype"] == "float32"
@@ -57,14 +41,14 @@ def test_round_trip_gives_identical_outputs(arch, tmp_path):
 
     fresh = build()
     assert plrd.load(tmp_path / "ckpt", fresh) is fresh
-    assert torch.equal(_logits(fresh, batch), expected)
+    assert torch.equal(logits(fresh, batch), expected)
     assert plrd.count_parameters(fresh) == plrd.count_parameters(model)
 
 
 def test_tied_weights_stored_once_and_still_tied(tmp_path):
-    model = _decomposed(tiny_llama)
+    model = decomposed()
     plrd.save(model, tmp_path)
-    with safe_open(str(tmp_path / WEIGHTS_NAME), framework="pt") as f:
+    with safe_open(str(tmp_path / WEIGHTS_FILE), framework="pt") as f:
         keys = set(f.keys())
     assert ("lm_head.weight" in keys) != ("model.embed_tokens.weight" in keys)
     fresh = tiny_llama()
@@ -82,18 +66,18 @@ def test_tied_weights_stored_once_and_still_tied(tmp_path):
 def test_dense_model_round_trip_and_overwrite(tmp_path):
     model = tiny_gpt2()
     plrd.save(model, tmp_path)
-    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["layers"] == []
+    assert json.loads((tmp_path / INFO_FILE).read_text())["layers"] == []
     plrd.decompose(model, 0.7, method="svd", progress=False)
     plrd.save(model, tmp_path)  # overwrite in place, no temporaries left
-    assert _written(tmp_path) == [WEIGHTS_NAME, MANIFEST_NAME]
+    assert written(tmp_path) == [WEIGHTS_FILE, INFO_FILE]
     fresh = tiny_gpt2()
     plrd.load(tmp_path, fresh)
     batch = token_batches(count=1)[0]
-    assert torch.equal(_logits(fresh, batch), _logits(model, batch))
+    assert torch.equal(logits(fresh, batch), logits(model, batch))
 
 
 def test_keeps_device_dtype_and_training_mode(tmp_path):
-    model = _decomposed(tiny_llama)
+    model = decomposed()
     plrd.save(model, tmp_path)
     fresh = tiny_llama().double().train()
     plrd.load(tmp_path, fresh)
@@ -102,50 +86,41 @@ def test_keeps_device_dtype_and_training_mode(tmp_path):
     assert layer.up.dtype == torch.float64 and layer.training and layer.up.requires_grad
 
 
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _unchanged(model, state):
-    now = model.state_dict()
-    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
-
-
 def test_other_architecture_refused(tmp_path):
-    plrd.save(_decomposed(tiny_llama), tmp_path)
+    plrd.save(decomposed(), tmp_path)
     model = tiny_gpt2()
-    state = _state(model)
-    with pytest.raises(ValueError, match=rf"{MANIFEST_NAME}: layer 'model\.layers\.0.*does not"):
+    state = snapshot(model)
+    with pytest.raises(DamagedFileError, match=rf"{INFO_FILE}: layer 'model\.layers\.0.*does not"):
         plrd.load(tmp_path, model)
-    assert _unchanged(model, state)
+    assert unchanged(model, state)
 
 
 def _edit_manifest(path, edit):
-    info = json.loads((path / MANIFEST_NAME).read_text())
+    info = json.loads((path / INFO_FILE).read_text())
     edit(info)
-    (path / MANIFEST_NAME).write_text(json.dumps(info))
+    (path / INFO_FILE).write_text(json.dumps(info))
 
 
 def test_manifest_shape_and_bias_mismatch_refused(tmp_path):
-    plrd.save(_decomposed(tiny_llama), tmp_path)
+    plrd.save(decomposed(), tmp_path)
     _edit_manifest(tmp_path, lambda info: info["layers"][0].update({"in": 65}))
-    with pytest.raises(ValueError, match=r"plrd\.json: layer 'model.*recorded as 64x65"):
+    with pytest.raises(DamagedFileError, match=r"plrd\.json: layer 'model.*recorded as 64x65"):
         plrd.load(tmp_path, tiny_llama())
     _edit_manifest(tmp_path, lambda info: info["layers"][0].update({"in": 64, "bias": True}))
-    with pytest.raises(ValueError, match="recorded with bias=True"):
+    with pytest.raises(DamagedFileError, match="recorded with bias=True"):
         plrd.load(tmp_path, tiny_llama())
 
 
 def test_rank_mismatch_with_weights_refused_and_model_untouched(tmp_path):
-    plrd.save(_decomposed(tiny_llama), tmp_path)
+    plrd.save(decomposed(), tmp_path)
     _edit_manifest(tmp_path, lambda info: info["layers"][0].update({"rank": 3}))
     model = tiny_llama()
-    state = _state(model)
-    mismatch = rf"{WEIGHTS_NAME}: holds layer '.*q_proj' at rank \d+"
-    mismatch += rf".* {MANIFEST_NAME} records rank 3"
-    with pytest.raises(ValueError, match=mismatch):
+    state = snapshot(model)
+    mismatch = rf"{WEIGHTS_FILE}: holds layer '.*q_proj' at rank \d+"
+    mismatch += rf".* {INFO_FILE} records rank 3"
+    with pytest.raises(DamagedFileError, match=mismatch):
         plrd.load(tmp_path, model)
-    assert _unchanged(model, state)
+    assert unchanged(model, state)
     assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
 
 
@@ -156,21 +131,23 @@ def test_already_factored_model_refused(tmp_path):
     model = tiny_llama()
     plrd.decompose(model, 0.9, targets="mlp.*", method="svd", progress=False)
     unrecorded = r"factored layer\(s\) not recorded.*'model\.layers\.0\.mlp"
-    with pytest.raises(ValueError, match=unrecorded):
+    with pytest.raises(DamagedFileError, match=unrecorded):
         plrd.load(tmp_path, model)
 
 
 def test_missing_or_corrupt_files_refused(tmp_path):
-    with pytest.raises(ValueError, match=rf"{MANIFEST_NAME} not found"):
+    with pytest.raises(InputError, match=rf"{INFO_FILE} not found"):
         plrd.load(tmp_path, tiny_llama())
-    plrd.save(_decomposed(tiny_llama), tmp_path)
-    (tmp_path / MANIFEST_NAME).write_text("{not json")
-    with pytest.raises(ValueError, match=rf"{MANIFEST_NAME}: cannot be read as JSON"):
+    plrd.save(decomposed(), tmp_path)
+    (tmp_path / INFO_FILE).write_text("{not json")
+    with pytest.raises(DamagedFileError, match=rf"{INFO_FILE}: cannot be read as JSON"):
         plrd.load(tmp_path, tiny_llama())
-    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format": "plrd", "format_version": 99}))
-    with pytest.raises(ValueError, match="format_version 99"):
+    (tmp_path / INFO_FILE).write_text(json.dumps({"format": "plrd", "format_version": 99}))
+    with pytest.raises(InputError, match="format_version 99"):
         plrd.load(tmp_path, tiny_llama())
-    plrd.save(_decomposed(tiny_llama), tmp_path)
-    (tmp_path / WEIGHTS_NAME).write_bytes(b"\x00" * 16)
-    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME}: the safetensors header is not valid"):
+    plrd.save(decomposed(), tmp_path)
+    (tmp_path / WEIGHTS_FILE).write_bytes(b"\x00" * 16)
+    with pytest.raises(
+        DamagedFileError, match=rf"{WEIGHTS_FILE}: the safetensors header is not valid"
+    ):
         plrd.load(tmp_path, tiny_llama())

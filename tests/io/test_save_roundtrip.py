@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 import plrd
+from plrd.errors import InputError
+from plrd.io.hf import CONFIG_FILE
 from tests.tiny_models import tiny_llama, token_batches
 
 
@@ -42,13 +44,13 @@ def test_plain_module_round_trips_and_load_pretrained_says_what_to_use(tmp_path)
     plrd.decompose(model, keep=0.6, grams=plrd.collect_grams(model, [x]))
     assert any(isinstance(m, plrd.LowRankLinear) for m in model.modules())
     plrd.save(model, tmp_path / "mlp")
-    assert not (tmp_path / "mlp" / "config.json").exists()
+    assert not (tmp_path / "mlp" / CONFIG_FILE).exists()
 
     fresh = plrd.load(tmp_path / "mlp", _mlp())
     with torch.no_grad():
         assert torch.allclose(fresh(x), model(x), atol=1e-6)
 
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(InputError) as err:
         plrd.load_pretrained(tmp_path / "mlp")
     message = str(err.value)
     assert "\n" not in message

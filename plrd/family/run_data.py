@@ -107,13 +107,19 @@ def general_blocks(
     return blocks[:n], "held-out text written by the parent"
 
 
+def text_corpus(cfg: FamilyConfig, text_documents: Sequence[str], tokenizer: Any) -> Corpus | None:
+    """The text corpus split and packed (None for ``data = self`` alone): built before the
+    parent is loaded, so a corpus too short for the blocks stops the run first."""
+    if not text_documents:
+        return None
+    return build_corpus(text_documents, tokenizer, cfg.seq_len, cfg.held_out_fraction)
+
+
 def assemble(
-    cfg: FamilyConfig, text_documents: Sequence[str], parent: torch.nn.Module, tokenizer: Any
+    cfg: FamilyConfig, corpus: Corpus | None, parent: torch.nn.Module, tokenizer: Any
 ) -> RunData:
-    """The corpus (training and held-out blocks) and the general set of a run."""
-    corpus = None
-    if text_documents:
-        corpus = build_corpus(text_documents, tokenizer, cfg.seq_len, cfg.held_out_fraction)
+    """The run's data: ``corpus`` with the parent's own text added when ``data`` includes
+    ``self``, and the general set."""
     general, source = general_blocks(cfg, parent, tokenizer)
     self_text = None
     if uses_self(cfg.data):

@@ -45,7 +45,7 @@ from plrd.family.record import (
     read_record,
     write_record,
 )
-from plrd.family.run_data import RunData, assemble
+from plrd.family.run_data import RunData, assemble, text_corpus
 from plrd.family.stage import FamilyRun, Previous, run_stage
 from plrd.io.atomic import remove_stale_temporaries
 from plrd.io.models import load_model, load_tokenizer
@@ -92,11 +92,12 @@ def open_family(
     if record is not None:
         check_recipe(record, cfg)
     tokenizer = load_tokenizer(cfg.model)
+    corpus = text_corpus(cfg, documents, tokenizer)
     parent, _, _ = load_model(cfg.model, device)
     check_model(parent, cfg.model, cfg.sizes, cfg.seq_len)
     for p in parent.parameters():
         p.requires_grad_(False)
-    data = assemble(cfg, documents, parent, tokenizer)
+    data = assemble(cfg, corpus, parent, tokenizer)
     if record is not None:
         check_corpus(record, cfg, data.corpus.fingerprint)
     if distributed.is_main():

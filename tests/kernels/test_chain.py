@@ -53,7 +53,8 @@ def test_forward_matches_float64(device, dtype, m, k, r, n):
 )
 def test_rank_chunks(device, dtype, rank, chunks):
     """Ranks past one launch's capacity: column chunks, Y accumulated in fp32, T in pieces."""
-    from plrd_kernels.chain import chain_reference, rank_chunks
+    from plrd_kernels.chain import rank_chunks
+    from plrd_kernels.reference import chain_reference
 
     assert len(rank_chunks(rank, dtype.itemsize)) == chunks
     x = torch.randn(2, 10, 40, device=device, dtype=dtype)
@@ -117,3 +118,14 @@ def test_empty_rows(device):
     x = torch.randn(0, 12, device=device)
     y, t = _chain(x, torch.randn(12, 3, device=device), torch.randn(3, 5, device=device))
     assert y.shape == (0, 5)
+
+
+def test_no_n_split_once_row_blocks_fill_the_sms():
+    """N is split only while the row blocks leave at least half the SMs idle (132: H200)."""
+    from plrd_kernels.chain import n_splits
+
+    assert n_splits(m_blocks=128, n_tiles=32, sms=132) == 1  # M 8192, BLOCK_M 64
+    assert n_splits(m_blocks=64, n_tiles=32, sms=132) == 2  # M 8192, BLOCK_M 128
+    assert n_splits(m_blocks=300, n_tiles=32, sms=132) == 1
+    assert n_splits(m_blocks=1, n_tiles=64, sms=132) == 64
+    assert n_splits(m_blocks=1, n_tiles=400, sms=132) == 132

@@ -183,7 +183,8 @@ def planned(dtypes: tuple[str, ...] = ("bf16", "fp32")) -> list[tuple[Any, Spec,
         for bound, configs in chain.TIERS.items():
             if bound <= limit:
                 for direction in ("forward", "backward"):
-                    plan.append((chain_entry, Spec("chain", direction, dtype, bound, True), configs))
+                    spec = Spec("chain", direction, dtype, bound, True)
+                    plan.append((chain_entry, spec, configs))
         for kernel, entry, configs in (
             ("shrink", shrink_entry, decode._SHRINK_CONFIGS),
             ("expand", expand_entry, decode._EXPAND_CONFIGS),

@@ -40,7 +40,10 @@ def test_fallback_configs_compile_for_sm90():
     jobs = {
         dtype: subprocess.Popen(
             [sys.executable, script, "--last-only", "--check", "--dtypes", dtype],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )  # fmt: skip
         for dtype in DTYPES
     }

@@ -26,11 +26,12 @@ def _tuners():
 @pytest.mark.parametrize(
     "m, k, n, r, dtype",
     [
-        (20, 24, 24, 600, torch.float32),  # 3 rank chunks (fp32 holds 256); K == N
-        (20, 24, 16, 1100, torch.float16),  # 3 rank chunks (16-bit holds 512)
-        (24, 32, 48, 100, torch.float32),  # one launch
-        (24, 32, 48, 100, torch.float16),  # one launch
-        (8, 300, 40, 30, torch.float16),  # decode path: split-K shrink, then expand
+        # 3 rank chunks (fp32 holds 256); K == N
+        pytest.param(20, 24, 24, 600, torch.float32, id="fp32-chunked"),
+        pytest.param(20, 24, 16, 1100, torch.float16, id="fp16-chunked"),  # 16-bit holds 512
+        pytest.param(24, 32, 48, 100, torch.float32, id="fp32-one-launch"),
+        pytest.param(24, 32, 48, 100, torch.float16, id="fp16-one-launch"),
+        pytest.param(8, 300, 40, 30, torch.float16, id="fp16-decode"),  # shrink, then expand
     ],
 )
 def test_first_call_under_autotuning(triton_backend, m, k, n, r, dtype):

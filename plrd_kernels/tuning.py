@@ -8,7 +8,7 @@ Autotune keys are coarsened at lookup time, not on the host side of a launch: a 
 keyed on its raw arguments (``M``, strides) and ``BucketedCache`` maps them to buckets
 (``M`` to a power of two, a stride to "is it 1"). The traced graph under ``torch.compile``
 then holds only the symbolic ``M``, and the bucket is computed from the concrete value when
-the autotuner runs (docs/kernels.md §5).
+the autotuner runs (docs/kernels.md §4, §5).
 """
 
 from __future__ import annotations

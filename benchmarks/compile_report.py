@@ -185,23 +185,30 @@ def planned(dtypes: tuple[str, ...] = ("bf16", "fp32")) -> list[tuple[Any, Spec,
                 for direction in ("forward", "backward"):
                     spec = Spec("chain", direction, dtype, bound, True)
                     plan.append((chain_entry, spec, configs))
-        for kernel, entry, configs in (
-            ("shrink", shrink_entry, decode._SHRINK_CONFIGS),
-            ("expand", expand_entry, decode._EXPAND_CONFIGS),
+        for kernel, entry, tiers in (
+            ("shrink", shrink_entry, decode.SHRINK_TIERS),
+            ("expand", expand_entry, decode.EXPAND_TIERS),
         ):
-            for direction in ("forward", "backward"):
-                plan.append((entry, Spec(kernel, direction, dtype, limit, True), configs))
+            for bound, configs in tiers.items():
+                for direction in ("forward", "backward"):
+                    spec = Spec(kernel, direction, dtype, min(bound, limit), True)
+                    plan.append((entry, spec, configs))
         plan.append((reduce_entry, Spec("reduce_rows", "backward", dtype, 0, True), grads._CONFIGS))
     return plan
 
 
 def report(
-    last_only: bool = False, aligned: bool = True, dtypes: tuple[str, ...] = ("bf16", "fp32")
+    last_only: bool = False,
+    aligned: bool = True,
+    dtypes: tuple[str, ...] = ("bf16", "fp32"),
+    kernels: tuple[str, ...] = (),
 ) -> list[dict]:
     """One entry per planned (kernel, direction, dtype, padded rank) and config; ``last``
     marks each list's fallback config."""
     entries = []
     for entry_fn, spec, configs in planned(dtypes):
+        if kernels and spec.kernel not in kernels:
+            continue
         spec.aligned = aligned
         for cfg in configs[-1:] if last_only else configs:
             entries.append({**entry_fn(cfg, spec), "last": cfg is configs[-1]})
@@ -246,12 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="fail if a last config misfits")
     parser.add_argument("--unaligned", action="store_true", help="no divisibility by 16 known")
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16,fp16,fp32")
+    parser.add_argument("--kernels", default="", help="comma-separated subset (default: all)")
     args = parser.parse_args(argv)
     if tuning.INTERPRET:
         print("unset TRITON_INTERPRET: compiled kernels are needed", file=sys.stderr)
         return 2
     dtypes = tuple(args.dtypes.split(","))
-    entries = report(last_only=args.last_only, aligned=not args.unaligned, dtypes=dtypes)
+    kernels = tuple(k for k in args.kernels.split(",") if k)
+    entries = report(args.last_only, not args.unaligned, dtypes, kernels)
     print(f"Triton {triton.__version__}, sm_90\n{specialisations()}\n")
     print(format_table(entries))
     if args.check and not last_configs_fit(entries):

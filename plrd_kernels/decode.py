@@ -30,16 +30,17 @@ MAX_ROWS = 16
 MIN_K_PER_SPLIT = 128
 """Fewest K columns per shrink program: enough work to hide a load's latency."""
 
-_SHRINK_CONFIGS = [
-    config(4, 3, BLOCK_K=128),
-    config(4, 2, BLOCK_K=64),
-    config(4, 1, BLOCK_K=32),
-]
-_EXPAND_CONFIGS = [
-    config(4, 2, BLOCK_N=128),
-    config(4, 2, BLOCK_N=64),
-    config(4, 1, BLOCK_N=32),
-]
+# Configs by padded-rank tier, as for the chain (the T tile is 16 × RP fp32 in registers, the
+# A and B tiles BLOCK × RP in shared memory); each list ends with the config PLRD_AUTOTUNE=0
+# uses. RP = 512 takes 8 warps: 4 spill (benchmarks/NOTES.md §3).
+SHRINK_TIERS = {
+    128: [config(4, 3, BLOCK_K=128), config(4, 2, BLOCK_K=64), config(4, 1, BLOCK_K=32)],
+    512: [config(8, 2, BLOCK_K=64), config(8, 1, BLOCK_K=32)],
+}
+EXPAND_TIERS = {
+    128: [config(4, 2, BLOCK_N=128), config(4, 2, BLOCK_N=64), config(4, 1, BLOCK_N=32)],
+    512: [config(8, 2, BLOCK_N=64), config(8, 1, BLOCK_N=32)],
+}
 _INTERPRETER_SHRINK = [config(4, 1, BLOCK_K=32), config(4, 1, BLOCK_K=16)]
 _INTERPRETER_EXPAND = [config(4, 1, BLOCK_N=32), config(4, 1, BLOCK_N=64)]
 
@@ -147,18 +148,29 @@ def _expand_kernel(
     )
 
 
-_shrink = autotune(
-    _SHRINK_CONFIGS,
-    _INTERPRETER_SHRINK,
-    ["K", "RP", "stride_xk", "stride_ak", "stride_ar"],
-    {"stride_xk": unit_stride, "stride_ak": unit_stride, "stride_ar": unit_stride},
-)(_shrink_kernel)
-_expand = autotune(
-    _EXPAND_CONFIGS,
-    _INTERPRETER_EXPAND,
-    ["N", "RP", "S", "HAS_BIAS", "STORE_T", "stride_br", "stride_bn"],
-    {"stride_br": unit_stride, "stride_bn": unit_stride},
-)(_expand_kernel)
+_SHRINK = {
+    bound: autotune(
+        configs,
+        _INTERPRETER_SHRINK,
+        ["K", "RP", "stride_xk", "stride_ak", "stride_ar"],
+        {"stride_xk": unit_stride, "stride_ak": unit_stride, "stride_ar": unit_stride},
+    )(_shrink_kernel)
+    for bound, configs in SHRINK_TIERS.items()
+}
+_EXPAND = {
+    bound: autotune(
+        configs,
+        _INTERPRETER_EXPAND,
+        ["N", "RP", "S", "HAS_BIAS", "STORE_T", "stride_br", "stride_bn"],
+        {"stride_br": unit_stride, "stride_bn": unit_stride},
+    )(_expand_kernel)
+    for bound, configs in EXPAND_TIERS.items()
+}
+
+
+def tier_for_rank(rp: int) -> int:
+    """The tier (``SHRINK_TIERS``/``EXPAND_TIERS`` key) serving padded rank ``rp`` (≤ 512)."""
+    return min(bound for bound in SHRINK_TIERS if rp <= bound)
 
 
 def k_splits(k_dim: int, sms: int) -> int:
@@ -187,8 +199,9 @@ def decode_chain(
     k_split = triton.cdiv(k_dim, splits)
     partials = new_buffer(x, (splits, m_dim, r_dim), torch.float32)
     rp, tf32 = padded_rank(r_dim), tf32_allowed(x.dtype)
+    tier = tier_for_rank(rp)
     launch(
-        _shrink,
+        _SHRINK[tier],
         (splits,),
         x, a, partials,
         m_dim, k_dim, r_dim, layout.inner, k_split,
@@ -199,7 +212,7 @@ def decode_chain(
     )  # fmt: skip
     t_out = y2 if t2 is None else t2
     launch(
-        _expand,
+        _EXPAND[tier],
         lambda meta: (torch.sym_max(1, triton.cdiv(n_dim, meta["BLOCK_N"])),),  # 1: T, if N = 0
         partials, b, y2 if bias is None else bias, y2, t_out,
         m_dim, n_dim, r_dim, splits,

@@ -24,12 +24,20 @@ DTYPES = {"bf16": 2, "fp32": 4}
 
 def _expected_rows(element_size: int) -> dict[str, int]:
     """Rows the report must print for one dtype, by kernel: one per config list (its last
-    config) and direction. The chain has a list per rank tier; ranks are chunked at
-    MAX_CHUNK[element size], so no tier above it is compiled."""
+    config) and direction. The chain and the decode kernels have a list per rank tier;
+    chain ranks are chunked at MAX_CHUNK[element size], so no chain tier above it is
+    compiled (a decode tier is compiled at min(its bound, that size))."""
     from plrd_kernels import chain
 
+    from plrd_kernels import decode
+
     tiers = sum(1 for bound in chain.TIERS if bound <= chain.MAX_CHUNK[element_size])
-    return {"chain": 2 * tiers, "shrink": 2, "expand": 2, "reduce_rows": 1}
+    return {
+        "chain": 2 * tiers,
+        "shrink": 2 * len(decode.SHRINK_TIERS),
+        "expand": 2 * len(decode.EXPAND_TIERS),
+        "reduce_rows": 1,
+    }
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build bundles no ptxas")

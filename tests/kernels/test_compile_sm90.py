@@ -27,9 +27,7 @@ def _expected_rows(element_size: int) -> dict[str, int]:
     config) and direction. The chain and the decode kernels have a list per rank tier;
     chain ranks are chunked at MAX_CHUNK[element size], so no chain tier above it is
     compiled (a decode tier is compiled at min(its bound, that size))."""
-    from plrd_kernels import chain
-
-    from plrd_kernels import decode
+    from plrd_kernels import chain, decode
 
     tiers = sum(1 for bound in chain.TIERS if bound <= chain.MAX_CHUNK[element_size])
     return {

@@ -1,7 +1,7 @@
 """Kernel benchmark shapes and their roofline floors (shared by the sweep and benchmark suites).
 
 A case is ``x [M, K] · downᵀ [K, R] · upᵀ [R, N] + bias [N]`` in bf16. Cost model, with
-e bytes per element:
+e bytes per element (docs/kernels.md §1):
 
 - forward FLOPs ``2·M·R·(K + N)``; bytes ``e·(M·K + M·N + R·K + N·R + N)`` (read x, the
   factors and bias; write y).
@@ -11,7 +11,7 @@ e bytes per element:
   not counted: the floor is what any implementation must move.
 - floor time ``max(FLOPs / PEAK_FLOPS, bytes / PEAK_BYTES_PER_S)``.
 
-Peaks are the H200 figures measured on the project's GPU machine (DESIGN §9).
+Peaks are the H200 figures measured on the project's GPU machine (docs/kernels.md §7).
 """
 
 from __future__ import annotations
@@ -19,19 +19,22 @@ from __future__ import annotations
 from typing import NamedTuple
 
 PEAK_FLOPS = 790e12
-"""bf16 dense matmul FLOP/s measured on the H200 (DESIGN §9)."""
+"""bf16 dense matmul FLOP/s measured on the H200 (docs/kernels.md §7)."""
 
 PEAK_BYTES_PER_S = 4.3e12
-"""Device copy bandwidth measured on the H200 (DESIGN §9)."""
+"""Device copy bandwidth measured on the H200 (docs/kernels.md §7)."""
 
 ELEMENT_BYTES = 2  # bf16
 
 TRAINING_M = (4096, 16384)
 TRAINING_KN = ((4096, 4096), (11008, 4096), (4096, 11008))
 RANKS = (64, 128, 256, 1024)
-DECODE_M = (1, 16)
 TARGET_MKN = (8192, 4096, 4096)
 """The headline shape: M = 8192 tokens, a 4096 → 4096 layer."""
+TARGET_RANKS = (64, 128, 256)
+"""The ranks of the GPU check's target sweep (memory-bound 64, 128; compute-bound 256)."""
+DECODE_M = (1, 16)
+DECODE_RANKS = (64, 128, 256)
 
 
 class Case(NamedTuple):
@@ -50,7 +53,7 @@ class Case(NamedTuple):
 
 def target_cases() -> list[Case]:
     m, k, n = TARGET_MKN
-    return [Case("target", m, k, n, r) for r in RANKS]
+    return [Case("target", m, k, n, r) for r in TARGET_RANKS]
 
 
 def training_cases() -> list[Case]:
@@ -58,12 +61,19 @@ def training_cases() -> list[Case]:
 
 
 def decode_cases() -> list[Case]:
-    return [Case("decode", m, k, n, r) for m in DECODE_M for k, n in TRAINING_KN for r in RANKS]
+    """Decode shapes, K = N = 4096 first (the GPU check's time limit may cut the tail)."""
+    return [
+        Case("decode", m, k, n, r) for k, n in TRAINING_KN for m in DECODE_M for r in DECODE_RANKS
+    ]
+
+
+def cases(kind: str) -> list[Case]:
+    """The cases of one kind ("target", "decode" or "training"), in the order they run."""
+    return {"target": target_cases, "decode": decode_cases, "training": training_cases}[kind]()
 
 
 def all_cases() -> list[Case]:
-    """The order the sweep runs them in (its time budget cuts the tail): the target shape,
-    then decode (forward only, quick), then training."""
+    """The target shape, then decode (forward only, quick), then training."""
     return target_cases() + decode_cases() + training_cases()
 
 

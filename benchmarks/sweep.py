@@ -1,32 +1,35 @@
-"""Kernel sweep: the fused low-rank op against its peers, forward and forward + backward.
+"""Kernel sweep: the fused low-rank op against its peers, one stage at a time.
 
-Peers: ``torch`` (two cuBLAS GEMMs through torch, eager), ``compile`` (the same chain under
-``torch.compile(mode="max-autotune")``) and ``dense`` (the ``nn.Linear`` the factors replace).
-bf16, timed with ``triton.testing.do_bench`` (median, L2 flushed between runs). Shapes and
-roofline constants: benchmarks/shapes.py.
+Providers: ``fused`` (the Triton kernels, autotuned), ``torch`` (the eager two-GEMM chain),
+``compile`` (the same chain under ``torch.compile``, max-autotune's kernel choice) and
+``dense`` (the ``nn.Linear`` the factors replace). bf16 on a GPU. Each (case, mode,
+provider) is appended to ``sweep.jsonl`` / ``sweep.csv`` the moment it is measured
+(``sweep_results.py``), so a stage cut short keeps what it finished.
 
-    python benchmarks/sweep.py                 # on a CUDA machine (about 4 minutes)
-    python benchmarks/sweep.py --dry-run       # anywhere: tiny shapes, CPU interpreter
+    python benchmarks/sweep.py --stage target --out DIR     # M 8192, K = N = 4096
+    python benchmarks/sweep.py --stage decode --out DIR     # M 1 and 16
+    python benchmarks/sweep.py --stage target --dry-run     # CPU interpreter, tiny shapes
+    python benchmarks/sweep.py --summarize --out DIR        # table + goals -> summary.md
     python benchmarks/sweep.py --roofline-table
 
-Prints a summary table last (per case and mode: fused ms, TFLOP/s, GB/s, % of the roofline
-floor, the peers' time over the fused time, what ``PLRD_BACKEND=auto`` picks); writes
-sweep.csv, sweep.json (and sweep.png with matplotlib) to ``--out`` or ``$OUT`` when set.
-A time budget (``--budget``) stops the sweep early and lists what it skipped.
+Timing (GPU): ``triton.testing.do_bench_cudagraph`` (the call replayed in a CUDA graph, so
+host overhead is out for every provider alike; 10 samples: median, p10, p90); a provider
+that cannot be captured falls back to CUDA events over many runs (``timer`` column). The
+compiled peer uses ``mode="max-autotune-no-cudagraphs"``: max-autotune's GEMM choice, with
+the CUDA graph supplied by the timer as for the others (max-autotune's own graphs cannot be
+captured inside another). The first call of each provider (where the fused op autotunes)
+is not timed; the fused op's first-call result is checked against float64 (``rel_err``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import json
 import math
 import os
 import platform
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,70 +39,69 @@ for path in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(path))
 
 import shapes  # noqa: E402
+import sweep_results  # noqa: E402
 from shapes import Case  # noqa: E402
 
-PROVIDERS = ("fused", "torch", "compile", "dense")
-COMPILE_RESERVE_S = 100.0
-"""A max-autotune compile starts only with at least this much budget left."""
-MAX_REL_ERR = 2e-2
-"""A fused result further than this from fp32 torch is flagged with "!" in the table."""
-COMPILE_RANK_ORDER = (64, 256, 128, 1024)
-"""The target-shape ranks that get the torch.compile peer first (``--compile-cases`` of them)."""
+STAGES = ("target", "decode", "training")
+BASE_PROVIDERS = ("fused", "torch", "dense")
+REP_MS = 40
+"""Timed milliseconds per CUDA-graph sample batch (do_bench_cudagraph's ``rep``)."""
+QUANTILES = [0.5, 0.1, 0.9]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (interpreter)")
-    parser.add_argument("--budget", type=float, default=240.0, help="seconds before stopping")
+    parser.add_argument("--stage", choices=STAGES, help="which cases to measure")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes, CPU interpreter")
     parser.add_argument(
-        "--compile-cases",
-        type=int,
-        default=2,
-        help="target cases that get the torch.compile peer (ranks in COMPILE_RANK_ORDER)",
+        "--deadline", type=float, default=math.inf, help="seconds; start nothing after this"
     )
-    parser.add_argument("--kinds", default="target,training,decode", help="case kinds to run")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compile peer")
     parser.add_argument("--out", default=os.environ.get("OUT") or None, help="results folder")
+    parser.add_argument("--summarize", action="store_true", help="print/write the summary")
+    parser.add_argument("--note", default="", help="a line for the summary")
     parser.add_argument("--roofline-table", action="store_true", help="print it and exit")
-    parser.add_argument("--note", default="", help="a line printed just above the table")
     return parser.parse_args(argv)
 
 
-def dry_cases() -> list[Case]:
-    return [
-        Case("target", 33, 40, 24, 17),
-        Case("training", 64, 64, 48, 4),
-        Case("decode", 1, 64, 48, 8),
-    ]
+def dry_cases(kind: str) -> list[Case]:
+    """Tiny stand-ins for the interpreter (each call there takes tens of milliseconds)."""
+    return {
+        "target": [Case("target", 33, 40, 24, 17)],
+        "decode": [Case("decode", 1, 130, 40, 8)],
+        "training": [Case("training", 64, 64, 48, 4)],
+    }[kind]
 
 
 class Timer:
-    """``ms(fn, grads)``: median milliseconds of ``fn``; ``grads`` get ``.grad = None`` first."""
+    """``stats(call) -> ([median, p10, p90] ms, timer name)``."""
 
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
+    def __init__(self, torch, cuda: bool) -> None:
+        self.torch, self.cuda = torch, cuda
 
-    def ms(self, fn: Callable[[], object], grads: list) -> float:
-        if self.cuda:
-            import triton.testing
+    def stats(self, call: Callable[[], object]) -> tuple[list[float], str]:
+        if not self.cuda:
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                call()
+                times.append(1e3 * (time.perf_counter() - start))
+            times.sort()
+            return [times[1], times[0], times[2]], "cpu"
+        import triton.testing
 
-            return float(
-                triton.testing.do_bench(
-                    fn, warmup=10, rep=40, grad_to_none=grads, return_mode="median"
-                )
-            )
-        fn()  # warm-up (compiles, first-call work)
-        times = []
-        for _ in range(2):
-            for g in grads:
-                g.grad = None
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return 1e3 * sorted(times)[len(times) // 2]
+        try:
+            ms = triton.testing.do_bench_cudagraph(call, rep=REP_MS, quantiles=QUANTILES)
+            return [float(v) for v in ms], "cudagraph"
+        except Exception as exc:  # not capturable: CUDA events, L2 flushed between runs
+            print(f"  cudagraph timing failed ({type(exc).__name__}); CUDA events", flush=True)
+            self.torch.cuda.synchronize()
+            ms = triton.testing.do_bench(call, warmup=10, rep=2 * REP_MS, quantiles=QUANTILES)
+            return [float(v) for v in ms], "events"
 
 
 def measure_peaks(torch) -> dict[str, float]:
-    """Quick bf16 GEMM FLOP/s and copy bandwidth on this GPU (a check on the constants)."""
+    """Quick bf16 GEMM FLOP/s and copy bandwidth on this GPU (a check on shapes.py)."""
     import triton.testing
 
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -108,325 +110,171 @@ def measure_peaks(torch) -> dict[str, float]:
     dst = torch.empty_like(src)
     copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50)
     return {
-        "gemm_tflops": 2 * 8192**3 / (gemm_ms * 1e-3) / 1e12,
-        "copy_tb_s": 2 * src.numel() / (copy_ms * 1e-3) / 1e12,
+        "gemm_tflops": round(2 * 8192**3 / (gemm_ms * 1e-3) / 1e12, 1),
+        "copy_tb_s": round(2 * src.numel() / (copy_ms * 1e-3) / 1e12, 2),
     }
 
 
 def make_inputs(torch, case: Case, device: str, dtype) -> dict:
     def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype)
+        t = torch.randn(*shape, device=device, dtype=torch.float32) * scale
+        return t.to(dtype).requires_grad_()
 
-    x = rand(case.m, case.k)
     return {
-        "x": x.requires_grad_(),
-        "down": rand(case.r, case.k, scale=case.k**-0.5).requires_grad_(),
-        "up": rand(case.n, case.r, scale=case.r**-0.5).requires_grad_(),
-        "bias": rand(case.n).requires_grad_(),
-        "weight": rand(case.n, case.k, scale=case.k**-0.5).requires_grad_(),
-        "grad_y": rand(case.m, case.n),
+        "x": rand(case.m, case.k),
+        "down": rand(case.r, case.k, scale=case.k**-0.5),
+        "up": rand(case.n, case.r, scale=case.r**-0.5),
+        "bias": rand(case.n),
+        "weight": rand(case.n, case.k, scale=case.k**-0.5),
+        "grad_y": rand(case.m, case.n).detach(),
     }
 
 
-def bench_case(torch, case: Case, backward: bool, fns: dict, timer: Timer, t: dict) -> dict:
-    """Median ms per provider for one case and mode (NaN + error text where one fails)."""
-    factored = [t["x"], t["down"], t["up"], t["bias"]]
-    dense = [t["x"], t["weight"], t["bias"]]
-    results: dict[str, float] = {}
-    errors: dict[str, str] = {}
-    for name, fn in fns.items():
-        inputs = dense if name == "dense" else factored
-        mark = getattr(fn, "mark_step", None)
+def make_call(torch, fn: Callable, inputs: list, backward: bool, grad_y) -> Callable:
+    """One forward (no autograd) or forward + all gradients (``autograd.grad``: nothing
+    accumulates, so the call can be replayed)."""
+    if not backward:
 
-        if backward:
+        def forward():
+            with torch.no_grad():
+                return fn(*inputs)
 
-            def run(fn=fn, inputs=inputs, mark=mark):
-                if mark is not None:
-                    mark()
-                fn(*inputs).backward(t["grad_y"])
+        return forward
 
-            grads = inputs
-        else:
+    def forward_backward():
+        y = fn(*inputs)
+        return y, torch.autograd.grad(y, inputs, grad_y)
 
-            def run(fn=fn, inputs=inputs, mark=mark):
-                if mark is not None:
-                    mark()
-                with torch.no_grad():
-                    fn(*inputs)
-
-            grads = []
-        try:
-            results[name] = timer.ms(run, grads)
-        except Exception as exc:  # one provider failing must not end the sweep
-            results[name] = math.nan
-            errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            traceback.print_exc(limit=3)
-    return {"ms": results, "errors": errors}
+    return forward_backward
 
 
-def fused_error(torch, fused: Callable, reference: Callable, t: dict, backward: bool) -> float:
-    """Largest relative Frobenius error of the fused output (and gradients) against the torch
-    chain in fp32: checks the autotuned configs on the real shapes."""
-    from plrd_kernels.reference import relative_error
+def first_call_error(torch, out, t: dict, backward: bool) -> float:
+    """Worst relative error of y (and every gradient) against float64."""
+    from plrd_kernels.reference import lowrank_linear_grads_reference, relative_error
 
+    y, grads = out if backward else (out, ())
     names = ("x", "down", "up", "bias")
-    leaves = [t[n].detach().requires_grad_(backward) for n in names]
-    ref_leaves = [t[n].detach().float().requires_grad_(backward) for n in names]
-    with torch.set_grad_enabled(backward):
-        y, y_ref = fused(*leaves), reference(*ref_leaves)
+    y_ref, grads_ref = lowrank_linear_grads_reference(*(t[n] for n in names), t["grad_y"])
     errors = [relative_error(y, y_ref)]
-    if backward:
-        grads = torch.autograd.grad(y, leaves, t["grad_y"])
-        grads_ref = torch.autograd.grad(y_ref, ref_leaves, t["grad_y"].float())
-        errors += [relative_error(g, r) for g, r in zip(grads, grads_ref, strict=True)]
+    errors += [relative_error(g, r) for g, r in zip(grads, grads_ref, strict=False)]
     return max(errors)
 
 
-def run_sweep(args: argparse.Namespace) -> int:
-    cuda_wanted = not args.dry_run
-    if args.dry_run:
-        import torch as _torch
-
-        if not _torch.cuda.is_available():
-            os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
-    import torch
-    import triton
-
-    from plrd_kernels.backend import choose_backend
+def providers(torch, cuda: bool, with_compile: bool) -> dict[str, Callable]:
     from plrd_kernels.reference import lowrank_linear_reference
+    from plrd_kernels.triton_ops import lowrank_linear_triton
 
-    cuda = torch.cuda.is_available() and (cuda_wanted or args.dry_run)
-    if cuda_wanted and not torch.cuda.is_available():
-        print("no CUDA device: run with --dry-run (CPU interpreter, tiny shapes)", file=sys.stderr)
-        return 2
-    device = "cuda" if cuda else "cpu"
-    dtype = torch.bfloat16 if cuda else torch.float32  # bf16 is wrong under the interpreter
-    from plrd_kernels import triton_ops
-
-    kinds = set(args.kinds.split(","))
-    cases = dry_cases() if args.dry_run else shapes.all_cases()
-    cases = [c for c in cases if c.kind in kinds]
-    timer = Timer(cuda)
-    start = time.monotonic()
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()})",
-        "dtype": str(dtype).removeprefix("torch."),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "dry_run": args.dry_run,
-        "peak_flops": shapes.PEAK_FLOPS,
-        "peak_bytes_per_s": shapes.PEAK_BYTES_PER_S,
-        "compile_mode": "max-autotune" if cuda else "backend=eager (dry run)",
+    fns = {
+        "fused": lowrank_linear_triton,
+        "torch": lowrank_linear_reference,
+        "dense": lambda x, weight, bias: torch.nn.functional.linear(x, weight, bias),
     }
-    if cuda:
-        meta["measured"] = measure_peaks(torch)
-        print(f"measured peaks: {meta['measured']}", flush=True)
-    print(f"{meta['device']} · torch {meta['torch']} · triton {meta['triton']}", flush=True)
-
-    def dense_fn(x, weight, bias):
-        return torch.nn.functional.linear(x, weight, bias)
-
-    rows: list[dict] = []
-    skipped: list[str] = []
-    targets = sorted(
-        (c for c in cases if c.kind == "target"),
-        key=lambda c: COMPILE_RANK_ORDER.index(c.r) if c.r in COMPILE_RANK_ORDER else len(cases),
-    )
-    with_compile = set(targets[: args.compile_cases])
-    compile_skipped: list[str] = []
-    for case in cases:
-        elapsed = time.monotonic() - start
-        if elapsed > args.budget:
-            skipped.append(case.label)
-            continue
-        fns: dict[str, Callable] = {
-            "fused": triton_ops.lowrank_linear_triton,
-            "torch": lowrank_linear_reference,
-            "dense": dense_fn,
-        }
-        if case in with_compile and cuda and args.budget - elapsed < COMPILE_RESERVE_S:
-            compile_skipped.append(case.label)
-        elif case in with_compile:
-            torch._dynamo.reset()
-            kwargs = {"mode": "max-autotune"} if cuda else {"backend": "eager"}
-            compiled = torch.compile(lowrank_linear_reference, **kwargs)
-            if cuda:
-                compiled = _with_cudagraph_step(compiled, torch)
-            fns["compile"] = compiled
-        t = make_inputs(torch, case, device, dtype)
-        auto = choose_backend_for(choose_backend, case, t)
-        for backward in (False, True) if case.kind != "decode" else (False,):
-            out = bench_case(torch, case, backward, fns, timer, t)
-            try:
-                err = fused_error(torch, fns["fused"], lowrank_linear_reference, t, backward)
-            except Exception as exc:
-                err = math.nan
-                out["errors"].setdefault("fused", f"check: {type(exc).__name__}: {exc}"[:200])
-            rows.extend(result_rows(case, backward, out, auto, err))
-            print(progress_line(case, backward, out["ms"]), flush=True)
-        del t
-        if cuda:
-            torch.cuda.empty_cache()
-    meta["seconds"] = round(time.monotonic() - start, 1)
-    meta["skipped"] = skipped
-    meta["compile_cases"] = [c.label for c in cases if c in with_compile]
-    meta["compile_skipped"] = compile_skipped
-    meta["note"] = args.note
-    write_results(args.out, meta, rows)
-    print()
-    if args.note:
-        print(args.note)
-    print(f"{meta['device']} · {meta['dtype']} · {meta['seconds']} s · ×peer = peer ms / fused ms")
-    print(summary_table(rows))
-    if skipped:
-        print(f"\nbudget of {args.budget:.0f} s spent: skipped {len(skipped)} cases: "
-              + ", ".join(skipped))  # fmt: skip
-    print(f"torch.compile ({meta['compile_mode']}) peer measured on "
-          f"{', '.join(meta['compile_cases']) or 'no case'} only: each compile takes tens of "
-          "seconds")  # fmt: skip
-    if compile_skipped:
-        print(f"budget too short for the compile peer on: {', '.join(compile_skipped)}")
-    return 0
+    if with_compile:
+        options = {"mode": "max-autotune-no-cudagraphs"} if cuda else {"backend": "eager"}
+        fns["compile"] = torch.compile(lowrank_linear_reference, dynamic=False, **options)
+    return fns
 
 
-def _with_cudagraph_step(fn: Callable, torch) -> Callable:
-    """max-autotune captures CUDA graphs: mark each benchmark iteration as a new step."""
+def plan(kind: str, cases: list[Case], with_compile: bool) -> list[tuple[Case, str, str]]:
+    """(case, mode, provider) in the order measured: every case with fused, eager and dense
+    first, the compiled peer (tens of seconds of compiling each) after all of them."""
+    modes = ("fwd",) if kind == "decode" else ("fwd", "fwd+bwd")
+    steps = [(c, mode, p) for c in cases for mode in modes for p in BASE_PROVIDERS]
+    if with_compile and kind != "decode":
+        steps += [(c, mode, "compile") for c in cases for mode in modes]
+    return steps
 
-    def call(*args):
-        return fn(*args)
 
-    call.mark_step = torch.compiler.cudagraph_mark_step_begin
-    return call
+def auto_choice(case_inputs: dict) -> str:
+    """What ``PLRD_BACKEND=auto`` picks for these tensors."""
+    from plrd_kernels.backend import choose_backend
 
-
-def choose_backend_for(choose_backend: Callable, case: Case, t: dict) -> str:
-    """What ``PLRD_BACKEND=auto`` picks for this case on this device."""
     saved = os.environ.pop("PLRD_BACKEND", None)
     try:
-        return choose_backend(t["x"], t["down"], t["up"])
+        return choose_backend(case_inputs["x"], case_inputs["down"], case_inputs["up"])
     finally:
         if saved is not None:
             os.environ["PLRD_BACKEND"] = saved
 
 
-def result_rows(case: Case, backward: bool, out: dict, auto: str, err: float) -> list[dict]:
-    mode = "fwd+bwd" if backward else "fwd"
-    floor = shapes.floor_seconds(case, backward)
-    rows = []
-    for provider, ms in out["ms"].items():
-        is_dense = provider == "dense"
-        f = shapes.dense_flops(case, backward) if is_dense else shapes.flops(case, backward)
-        b = shapes.dense_bytes(case, backward) if is_dense else shapes.bytes_moved(case, backward)
-        sec = ms * 1e-3
-        rows.append(
-            {
-                "kind": case.kind, "m": case.m, "k": case.k, "n": case.n, "r": case.r,
-                "mode": mode, "provider": provider, "ms": ms,
-                "tflops": f / sec / 1e12, "gb_s": b / sec / 1e9,
-                "pct_roofline": math.nan if is_dense else 100.0 * floor / sec,
-                "floor_us": floor * 1e6, "auto": auto,
-                "rel_err": err if provider == "fused" else math.nan,
-                "error": out["errors"].get(provider, ""),
-            }
-        )  # fmt: skip
-    return rows
-
-
-def progress_line(case: Case, backward: bool, ms: dict) -> str:
-    cells = " ".join(f"{p}={v:.4g}ms" for p, v in ms.items())
-    return f"{case.kind:8s} {case.label:28s} {'fwd+bwd' if backward else 'fwd':7s} {cells}"
-
-
-def _ratio(rows_by_provider: dict, peer: str) -> str:
-    fused = rows_by_provider.get("fused", {}).get("ms", math.nan)
-    peer_ms = rows_by_provider.get(peer, {}).get("ms", math.nan)
-    ratio = peer_ms / fused
-    return "-" if math.isnan(ratio) else f"{ratio:.2f}"
-
-
-def summary_table(rows: list[dict]) -> str:
-    """One line per case and mode; ×peer = peer time / fused time (> 1: fused is faster);
-    rel err: the fused result against fp32 torch ("!" past MAX_REL_ERR); auto: what
-    ``PLRD_BACKEND=auto`` picks, "ok" when that is the faster of fused and torch."""
-    groups: dict[tuple, dict] = {}
-    for row in rows:
-        key = (row["kind"], row["m"], row["k"], row["n"], row["r"], row["mode"])
-        groups.setdefault(key, {})[row["provider"]] = row
-    header = (
-        f"{'case':34s} {'mode':7s} {'fused ms':>9s} {'TFLOP/s':>8s} {'GB/s':>7s} "
-        f"{'%roof':>6s} {'×torch':>7s} {'×compile':>8s} {'×dense':>7s} {'rel err':>8s}  auto"
+def measure(torch, fn: Callable, case: Case, mode: str, provider: str, t: dict, timer) -> dict:
+    """One line of results: time (median, spread), throughput, roofline %, first-call error."""
+    backward = mode == "fwd+bwd"
+    dense = provider == "dense"
+    inputs = (
+        [t["x"], t["weight"], t["bias"]] if dense else [t[n] for n in ("x", "down", "up", "bias")]
     )
-    lines = [header, "-" * len(header)]
-    for (kind, m, k, n, r, mode), by in groups.items():
-        fused = by.get("fused")
-        if fused is None:
-            continue
-        torch_ms = by.get("torch", {}).get("ms", math.nan)
-        faster = "triton" if fused["ms"] <= torch_ms else "torch"
-        verdict = "" if math.isnan(torch_ms) else (" ok" if fused["auto"] == faster else " MISS")
-        lines.append(
-            f"{kind + f' M{m} K{k} N{n} R{r}':34s} {mode:7s} {fused['ms']:9.4f} "
-            f"{fused['tflops']:8.1f} {fused['gb_s']:7.0f} {fused['pct_roofline']:6.1f} "
-            f"{_ratio(by, 'torch'):>7s} {_ratio(by, 'compile'):>8s} {_ratio(by, 'dense'):>7s}"
-            f" {fused['rel_err']:8.1e}{'!' if not fused['rel_err'] < MAX_REL_ERR else ' '}"
-            f" {fused['auto']}{verdict}"
-        )
-    return "\n".join(lines)
-
-
-def write_results(out: str | None, meta: dict, rows: list[dict]) -> None:
-    if not out:
-        return
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "sweep.json", "w", encoding="utf-8") as handle:
-        json.dump({"meta": meta, "rows": rows}, handle, indent=1, default=str)
-    if rows:
-        with open(folder / "sweep.csv", "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    call = make_call(torch, fn, inputs, backward, t["grad_y"])
+    record: dict = {"kind": case.kind, "m": case.m, "k": case.k, "n": case.n, "r": case.r,
+                    "mode": mode, "provider": provider, "error": ""}  # fmt: skip
     try:
-        plot(folder / "sweep.png", meta, rows)
-    except ImportError:
-        pass
-    print(f"results written to {folder}/sweep.json, sweep.csv", flush=True)
+        first = call()  # autotunes / compiles; the fused op's result is checked
+        record["rel_err"] = (
+            first_call_error(torch, first, t, backward) if provider == "fused" else math.nan
+        )
+        del first
+        (ms, p10, p90), record["timer"] = timer.stats(call)
+    except Exception as exc:  # one provider failing must not end the stage
+        record["error"] = (
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        )
+        ms = p10 = p90 = math.nan
+    flops = shapes.dense_flops(case, backward) if dense else shapes.flops(case, backward)
+    moved = shapes.dense_bytes(case, backward) if dense else shapes.bytes_moved(case, backward)
+    floor = max(flops / shapes.PEAK_FLOPS, moved / shapes.PEAK_BYTES_PER_S)
+    sec = ms * 1e-3
+    record.update(
+        ms=ms, ms_p10=p10, ms_p90=p90, tflops=flops / sec / 1e12, gb_s=moved / sec / 1e9,
+        floor_us=floor * 1e6, pct_roofline=100.0 * floor / sec,
+    )  # fmt: skip
+    return record
 
 
-def plot(path: Path, meta: dict, rows: list[dict]) -> None:
-    """Bars: the peers' time over the fused time per case (> 1: fused is faster)."""
-    import matplotlib
+def run_stage(args: argparse.Namespace) -> int:
+    start = time.monotonic()
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
+    import torch
+    import triton
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fused = {
-        (r["kind"], r["m"], r["k"], r["n"], r["r"], r["mode"]): r["ms"]
-        for r in rows
-        if r["provider"] == "fused"
-    }
-    keys = list(fused)
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(keys)), 4.5))
-    width = 0.27
-    for i, peer in enumerate(("torch", "compile", "dense")):
-        peer_ms = {
-            (r["kind"], r["m"], r["k"], r["n"], r["r"], r["mode"]): r["ms"]
-            for r in rows
-            if r["provider"] == peer
-        }
-        values = [peer_ms.get(k, math.nan) / fused[k] for k in keys]
-        ax.bar([j + (i - 1) * width for j in range(len(keys))], values, width, label=peer)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels([f"M{k[1]} K{k[2]} N{k[3]} R{k[4]} {k[5]}" for k in keys], rotation=90)
-    ax.set_ylabel("peer time / fused time")
-    ax.set_title(f"plrd fused low-rank op, {meta['device']}, {meta['dtype']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    cuda = torch.cuda.is_available() and not args.dry_run
+    if not cuda and not args.dry_run:
+        print("no CUDA device: use --dry-run (CPU interpreter, tiny shapes)", file=sys.stderr)
+        return 2
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    writer = sweep_results.ResultsWriter(args.out)
+    meta = {
+        "stage": args.stage,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()})",
+        "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+        "triton": triton.__version__, "python": platform.python_version(),
+        "dry_run": args.dry_run, "peak_flops": shapes.PEAK_FLOPS,
+        "peak_bytes_per_s": shapes.PEAK_BYTES_PER_S,
+    }  # fmt: skip
+    if cuda and args.stage == "target":
+        meta["measured"] = measure_peaks(torch)
+    writer.meta(meta)
+    print(f"[{args.stage}] {meta['device']} · torch {meta['torch']} · triton {meta['triton']}"
+          f" · {meta.get('measured', '')}", flush=True)  # fmt: skip
+    cases = dry_cases(args.stage) if args.dry_run else shapes.cases(args.stage)
+    fns = providers(torch, cuda, with_compile=not args.no_compile)
+    timer, inputs = Timer(torch, cuda), {}
+    for case, mode, provider in plan(args.stage, cases, not args.no_compile):
+        what = f"{case.kind} {case.label} {mode} {provider}"
+        if time.monotonic() - start > args.deadline:
+            writer.skip({"stage": args.stage, "what": what})
+            continue
+        if case not in inputs:
+            inputs = {case: make_inputs(torch, case, device, dtype)}  # one case's tensors at a time
+        t = inputs[case]
+        record = measure(torch, fns[provider], case, mode, provider, t, timer)
+        record.update(stage=args.stage, auto=auto_choice(t))
+        writer.case(record)
+        print(f"  {what}: {record['ms']:.4g} ms ({record['timer'] if 'timer' in record else '-'})"
+              f"{' ' + record['error'] if record['error'] else ''}", flush=True)  # fmt: skip
+    print(f"[{args.stage}] done in {time.monotonic() - start:.0f} s", flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,7 +282,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.roofline_table:
         print(shapes.roofline_table())
         return 0
-    return run_sweep(args)
+    if args.summarize:
+        if not args.out:
+            print("--summarize needs --out (or $OUT)", file=sys.stderr)
+            return 2
+        print(sweep_results.summarize(args.out, args.note))
+        return 0
+    if args.stage is None:
+        print("give --stage, --summarize or --roofline-table", file=sys.stderr)
+        return 2
+    return run_stage(args)
 
 
 if __name__ == "__main__":

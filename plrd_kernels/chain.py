@@ -11,9 +11,15 @@ dT is written out for d down. The transposes are strides, never copies.
 
 Ranks above ``MAX_CHUNK`` (512 for 16-bit inputs, 256 for fp32: what registers and shared
 memory hold) are cut into column chunks of A (rows of B): ``Y = Σ_c (X·A_c)·B_c``, one
-launch per chunk, Y accumulated in an fp32 buffer and rounded once by the last chunk.
+launch per chunk. The running sum lives in two fp32 buffers used in turn: chunk c reads the
+sum of chunks < c from one and writes the sum up to c to the other (the last chunk writes Y),
+so no launch reads what it writes, and the autotuner may rerun any launch (it does, on the
+first call of a shape) without changing the result (docs/kernels.md §4).
 
-Reference: ``plrd_kernels.reference.lowrank_linear_reference``.
+Up to ``decode.MAX_ROWS`` rows with one chunk go to the split-K decode path
+(``plrd_kernels.decode``) instead.
+
+Reference: ``plrd_kernels.reference.chain_reference``.
 """
 
 from __future__ import annotations
@@ -23,16 +29,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from plrd_kernels import decode
 from plrd_kernels.layout import m_bucket, new_buffer, padded_rank, row_layout
-from plrd_kernels.tuning import autotune, config, launch, num_sms, tf32_allowed
+from plrd_kernels.tuning import autotune, config, launch, num_sms, tf32_allowed, unit_stride
 
 # Block sizes by padded rank RP: the T accumulator is BLOCK_M × RP fp32 in registers and the
 # B tile RP × BLOCK_N in shared memory, so a larger rank takes fewer rows and columns. Each
 # list ends with its smallest config, which fits in shared memory for fp32 too; it is the one
-# used with PLRD_AUTOTUNE=0.
+# used with PLRD_AUTOTUNE=0. num_stages 4–5 pipeline the K loop deeper (benchmarks/NOTES.md).
 _CONFIGS_RANK_64 = [
     config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+    config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
     config(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+    config(4, 5, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
     config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128),
     config(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64),
 ]
@@ -40,6 +49,7 @@ _CONFIGS_RANK_256 = [
     config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
     config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
     config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
+    config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
     config(4, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
 ]
 _CONFIGS_RANK_512 = [  # a 32 × 512 fp32 accumulator is 64 KiB of registers
@@ -48,8 +58,15 @@ _CONFIGS_RANK_512 = [  # a 32 × 512 fp32 accumulator is 64 KiB of registers
     config(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32),
     config(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16),
 ]
-_INTERPRETER_CONFIG = config(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
-_KEY = ["M_BUCKET", "K", "N", "RP", "STORE_Y", "STORE_T", "LOAD_ACC"]
+_INTERPRETER_CONFIGS = [
+    config(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
+    config(4, 1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=16),
+]
+_STRIDES = ["stride_xk", "stride_ak", "stride_ar", "stride_br", "stride_bn"]
+_KEY = ["M", "K", "N", "RP", "STORE_Y", "STORE_T", "LOAD_ACC", *_STRIDES]
+"""Autotune key. M enters as its power-of-two bucket and each stride as "is it 1", so the
+forward (A = downᵀ, B = upᵀ) and dX (A = up, B = down) chains tune apart even when K == N."""
+_BUCKETS = {"M": m_bucket, **{name: unit_stride for name in _STRIDES}}
 
 MAX_CHUNK = {2: 512, 4: 256}
 """Largest padded rank one launch holds, by input element size in bytes."""
@@ -61,7 +78,7 @@ TIERS = {64: _CONFIGS_RANK_64, 256: _CONFIGS_RANK_256, 512: _CONFIGS_RANK_512}
 @triton.jit
 def _chain_kernel(
     x_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, acc_ptr, t_ptr,
-    M, K, N, R, M_INNER, M_BUCKET,
+    M, K, N, R, M_INNER,
     stride_x0, stride_x1, stride_xk,
     stride_ak, stride_ar,
     stride_br, stride_bn,
@@ -82,12 +99,12 @@ def _chain_kernel(
         bias_ptr: bias [N] at ``n·stride_bias`` (read only if HAS_BIAS).
         y_ptr: Y [M, N] at ``m·stride_ym + n·stride_yn``, written if STORE_Y (any float type).
         acc_ptr: fp32 [M, N] with Y's strides, added to Y if LOAD_ACC (rank chunks after the
-            first; the caller passes the bias to the first chunk only).
+            first; the caller passes the bias to the first chunk only). Never the same
+            memory as y_ptr: a launch must not read what it writes (module notes).
         t_ptr: T [M, R] at ``m·stride_tm + r·stride_tr``, written by the j = 0 programs if
             STORE_T. T is rounded to X's dtype before the second product, as torch would.
         M, K, N, R: problem sizes (any R ≥ 1; R ≤ RP).
         M_INNER: inner size of the two-level row index (see ``plrd_kernels.layout``).
-        M_BUCKET: M rounded to a power of two; unused by the body, it is the autotune key.
         RP: R padded to a power of two ≥ 16 (masked loads give zeros past R).
         ALLOW_TF32: ``tl.dot`` input precision "tf32" if set, else "ieee" (exact fp32); only
             fp32 inputs care.
@@ -157,7 +174,7 @@ def _chain_kernel(
 
 
 TUNED = {
-    bound: autotune(configs, _INTERPRETER_CONFIG, _KEY)(_chain_kernel)
+    bound: autotune(configs, _INTERPRETER_CONFIGS, _KEY, _BUCKETS)(_chain_kernel)
     for bound, configs in TIERS.items()
 }
 """One autotuned launcher per tier (the same kernel with the tier's configs)."""
@@ -166,6 +183,13 @@ TUNED = {
 def tier_for_rank(rp: int) -> int:
     """The ``TIERS`` key whose configs serve padded rank ``rp`` (≤ 512)."""
     return min(bound for bound in TIERS if rp <= bound)
+
+
+def n_splits(m_blocks: int, n_tiles: int, sms: int) -> int:
+    """Programs per row block (split N): ``max(1, min(n_tiles, sms // m_blocks))``, so N is
+    split only when the row blocks fill at most half the SMs (each split recomputes T and
+    re-reads X's rows). ``m_blocks`` may be symbolic: sym_min/sym_max add no guard."""
+    return torch.sym_max(1, torch.sym_min(n_tiles, sms // m_blocks))
 
 
 def rank_chunks(rank: int, element_size: int) -> list[tuple[int, int]]:
@@ -185,14 +209,15 @@ def chain(
     store_y: bool = True,
     store_t: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """``T = x·a`` and ``Y = T·b + bias``: one launch (per rank chunk, see the module notes).
+    """``T = x·a`` and ``Y = T·b + bias``: one launch per rank chunk (module notes), or the
+    decode path for a few rows.
 
     x: [..., K] (any strides); a: [K, R]; b: [R, N]; bias: [N] or None; all one dtype.
     Returns ``(y, t)``: y [..., N] contiguous (an empty tensor unless ``store_y``) and
     t [M, R] contiguous with ``M = prod(x.shape[:-1])`` (empty unless ``store_t``).
+    M may be symbolic (``torch.compile(dynamic=True)``): nothing here turns it into an int.
     """
-    k_dim, rank = a.shape
-    n_dim = b.shape[1]
+    rank, n_dim = a.shape[1], b.shape[1]
     lead = x.shape[:-1]
     layout = row_layout(x)
     if layout is None:  # ≥ 3 leading dims that do not merge into two levels
@@ -206,46 +231,50 @@ def chain(
     y2 = y.view(m_dim, n_dim) if store_y else x.new_empty((1, 1))
     t2 = t if store_t else x.new_empty((1, 1))
     chunks = rank_chunks(rank, x.element_size())
-    acc = new_buffer(x, (m_dim, n_dim), torch.float32) if store_y and len(chunks) > 1 else y2
+    if store_y and len(chunks) == 1 and m_dim <= decode.MAX_ROWS:
+        decode.decode_chain(x, layout, a, b, bias, y2, t2 if store_t else None)
+        return y, t
+    # Running sums of the rank chunks: chunk c reads sums[(c - 1) % 2], writes sums[c % 2].
+    n_sums = min(2, len(chunks) - 1) if store_y else 0
+    sums = [new_buffer(x, (m_dim, n_dim), torch.float32) for _ in range(n_sums)]
+    for index, (r0, r1) in enumerate(chunks):
+        first, last = index == 0, index == len(chunks) - 1
+        _launch_chunk(
+            x, layout, a[:, r0:r1], b[r0:r1, :], bias if first else None,
+            y2 if last or not store_y else sums[index % 2],
+            y2 if first else sums[(index - 1) % 2],
+            t2[:, r0:r1] if store_t else t2,
+            store_y=store_y, store_t=store_t, load_acc=store_y and not first,
+        )  # fmt: skip
+    return y, t
+
+
+def _launch_chunk(x, layout, a_c, b_c, bias, out, acc, t_c, *, store_y, store_t, load_acc) -> None:
+    """One chain launch over the rank columns of ``a_c``/``b_c``: ``out = x·a_c·b_c (+ bias)
+    (+ acc if load_acc)``; ``t_c`` gets ``x·a_c`` if ``store_t``. ``acc`` is read only with
+    ``load_acc``, and then it is never ``out``."""
+    m_dim, k_dim = layout.rows, a_c.shape[0]
+    n_dim, r_dim = b_c.shape[1], a_c.shape[1]
     sms = num_sms(x.device)
 
     def grid(meta):
         m_blocks = triton.cdiv(m_dim, meta["BLOCK_M"])
         if not store_y:
             return (m_blocks, 1)
-        # Split N only when the row blocks fill at most half the SMs (each split recomputes T).
-        split = max(1, min(triton.cdiv(n_dim, meta["BLOCK_N"]), sms // m_blocks))
-        return (m_blocks, split)
+        return (m_blocks, n_splits(m_blocks, triton.cdiv(n_dim, meta["BLOCK_N"]), sms))
 
-    for index, (r0, r1) in enumerate(chunks):
-        first, last = index == 0, index == len(chunks) - 1
-        a_c, b_c = a[:, r0:r1], b[r0:r1, :]
-        t_c = t2[:, r0:r1] if store_t else t2
-        with_bias = bias is not None and first
-        rp = padded_rank(r1 - r0)
-        launch(
-            TUNED[tier_for_rank(rp)],
-            grid,
-            x, a_c, b_c, bias if with_bias else y2, y2 if last else acc, acc, t_c,
-            m_dim, k_dim, n_dim, r1 - r0, layout.inner, m_bucket(m_dim),
-            layout.stride0, layout.stride1, x.stride(-1),
-            a_c.stride(0), a_c.stride(1),
-            b_c.stride(0), b_c.stride(1),
-            bias.stride(0) if with_bias else 0,
-            y2.stride(0), y2.stride(1),
-            t_c.stride(0), t_c.stride(1),
-            HAS_BIAS=with_bias, STORE_Y=store_y, STORE_T=store_t, LOAD_ACC=store_y and not first,
-            RP=rp, ALLOW_TF32=tf32_allowed(x.dtype),
-        )  # fmt: skip
-    return y, t
-
-
-def chain_reference(
-    x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Torch twin of :func:`chain`: fp32 products, T rounded to the input dtype in between."""
-    t = torch.matmul(x.reshape(-1, a.shape[0]).float(), a.float()).to(x.dtype)
-    y = torch.matmul(t.float(), b.float())
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], b.shape[1]), t
+    rp = padded_rank(r_dim)
+    launch(
+        TUNED[tier_for_rank(rp)],
+        grid,
+        x, a_c, b_c, out if bias is None else bias, out, acc, t_c,
+        m_dim, k_dim, n_dim, r_dim, layout.inner,
+        layout.stride0, layout.stride1, x.stride(-1),
+        a_c.stride(0), a_c.stride(1),
+        b_c.stride(0), b_c.stride(1),
+        0 if bias is None else bias.stride(0),
+        out.stride(0), out.stride(1),
+        t_c.stride(0), t_c.stride(1),
+        HAS_BIAS=bias is not None, STORE_Y=store_y, STORE_T=store_t, LOAD_ACC=load_acc,
+        RP=rp, ALLOW_TF32=tf32_allowed(x.dtype),
+    )  # fmt: skip

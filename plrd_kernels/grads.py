@@ -10,7 +10,7 @@ M is long (all tokens) and P·Q' can be small, so M is split over S programs per
 each writes an fp32 partial ``W[s]`` and a second kernel sums the S partials in a fixed order
 (deterministic, no atomics). With S = 1 the first kernel writes the result directly.
 
-Reference: ``reduce_rows_reference`` below.
+Reference: ``plrd_kernels.reference.lowrank_linear_grads_reference`` (through the op).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from plrd_kernels.layout import m_bucket, new_buffer, row_layout
-from plrd_kernels.tuning import autotune, config, launch, num_sms, tf32_allowed
+from plrd_kernels.tuning import autotune, config, launch, num_sms, tf32_allowed, unit_stride
 
 _CONFIGS = [
     config(8, 3, BLOCK_P=128, BLOCK_Q=128, BLOCK_M=32),
@@ -29,7 +29,10 @@ _CONFIGS = [
     config(4, 3, BLOCK_P=128, BLOCK_Q=64, BLOCK_M=64),
     config(4, 4, BLOCK_P=64, BLOCK_Q=64, BLOCK_M=64),
 ]
-_INTERPRETER_CONFIG = config(4, 1, BLOCK_P=32, BLOCK_Q=32, BLOCK_M=32)
+_INTERPRETER_CONFIGS = [
+    config(4, 1, BLOCK_P=32, BLOCK_Q=32, BLOCK_M=32),
+    config(4, 1, BLOCK_P=16, BLOCK_Q=64, BLOCK_M=16),
+]
 SPLIT_TILE = 64  # tile side assumed when choosing the split count (before a config is picked)
 MIN_ROWS_PER_SPLIT = 256
 MAX_SPLITS = 64
@@ -39,7 +42,7 @@ _SUM_BLOCK = 1024
 @triton.jit
 def _reduce_rows_kernel(
     l_ptr, q_ptr, c_ptr, s_ptr,
-    M, P, Q, L_INNER, Q_INNER, M_BUCKET,
+    M, P, Q, L_INNER, Q_INNER,
     stride_l0, stride_l1, stride_lp,
     stride_q0, stride_q1, stride_qq,
     stride_cs, stride_cp, stride_cq,
@@ -58,7 +61,6 @@ def _reduce_rows_kernel(
         s_ptr: column sums [S, P] at ``s·stride_ss + p·stride_sp``, written by the j = 0
             programs if WITH_SUM.
         M, P, Q: sizes; split s covers rows ``[s·C, (s+1)·C)``, C = ⌈⌈M/S⌉/BLOCK_M⌉·BLOCK_M.
-        M_BUCKET: M rounded to a power of two; the autotune key only.
         ALLOW_TF32: ``tl.dot`` input precision "tf32" if set, else "ieee" (fp32 inputs only).
         BLOCK_P, BLOCK_Q, BLOCK_M: tile sizes (each ≥ 16).
 
@@ -117,9 +119,12 @@ def _reduce_rows_kernel(
             )
 
 
-_reduce_rows = autotune(_CONFIGS, _INTERPRETER_CONFIG, ["M_BUCKET", "P", "Q", "WITH_SUM"])(
-    _reduce_rows_kernel
-)
+_reduce_rows = autotune(
+    _CONFIGS,
+    _INTERPRETER_CONFIGS,
+    ["M", "P", "Q", "WITH_SUM", "stride_lp", "stride_qq"],
+    {"M": m_bucket, "stride_lp": unit_stride, "stride_qq": unit_stride},
+)(_reduce_rows_kernel)
 
 
 @triton.jit
@@ -144,10 +149,11 @@ def _sum_splits_kernel(w_ptr, out_ptr, S, NUMEL, BLOCK: tl.constexpr):
 
 def split_count(rows: int, p_dim: int, q_dim: int, sms: int) -> int:
     """How many row splits: enough programs for about two per SM, at least
-    ``MIN_ROWS_PER_SPLIT`` rows each, at most ``MAX_SPLITS``."""
+    ``MIN_ROWS_PER_SPLIT`` rows each, at most ``MAX_SPLITS``. ``rows`` may be symbolic:
+    sym_min/sym_max keep the result symbolic instead of guarding on it."""
     tiles = triton.cdiv(p_dim, SPLIT_TILE) * triton.cdiv(q_dim, SPLIT_TILE)
-    want = triton.cdiv(2 * sms, max(tiles, 1))
-    return max(1, min(want, triton.cdiv(rows, MIN_ROWS_PER_SPLIT), MAX_SPLITS))
+    want = min(triton.cdiv(2 * sms, max(tiles, 1)), MAX_SPLITS)
+    return torch.sym_max(1, torch.sym_min(want, triton.cdiv(rows, MIN_ROWS_PER_SPLIT)))
 
 
 def reduce_rows(
@@ -199,7 +205,7 @@ def reduce_rows(
         _reduce_rows,
         grid,
         lhs, rhs, c_buf, s_buf,
-        rows, p_dim, q_dim, l_layout.inner, q_layout.inner, m_bucket(rows),
+        rows, p_dim, q_dim, l_layout.inner, q_layout.inner,
         l_layout.stride0, l_layout.stride1, lhs.stride(-1),
         q_layout.stride0, q_layout.stride1, rhs.stride(-1),
         c_buf.stride(0), c_buf.stride(1), c_buf.stride(2),
@@ -226,10 +232,3 @@ def _sum_splits(partials: Tensor, out: Tensor) -> None:
         numel,
         BLOCK=_SUM_BLOCK,
     )
-
-
-def reduce_rows_reference(lhs: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
-    """Torch twin of :func:`reduce_rows` (``with_sum=True``), in fp32, cast back."""
-    l2 = lhs.reshape(-1, lhs.shape[-1]).float()
-    q2 = rhs.reshape(-1, rhs.shape[-1]).float()
-    return (l2.t() @ q2).to(lhs.dtype), l2.sum(0).to(lhs.dtype)

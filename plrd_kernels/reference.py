@@ -1,6 +1,7 @@
-"""Plain-torch low-rank linear: the CPU path and the test oracle.
+"""Plain-torch twins of the kernels: the fallback path (``PLRD_BACKEND=torch``, CPU) and the
+test oracles. No Triton here.
 
-Math (DESIGN §4): with x [M, K] (leading dims flattened), down [R, K], up [N, R]::
+Math (docs/kernels.md §1): with x [M, K] (leading dims flattened), down [R, K], up [N, R]::
 
     T = x · downᵀ          [M, R]
     Y = T · upᵀ + bias     [M, N]
@@ -56,3 +57,18 @@ def lowrank_linear_grads_reference(
     inputs = leaves + ([] if bias64 is None else [bias64])
     grads = torch.autograd.grad(y, inputs, grad_y.detach().double())
     return y.detach(), ((*grads, None) if bias64 is None else tuple(grads))
+
+
+def chain_reference(
+    x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Torch twin of ``plrd_kernels.chain.chain``: ``T = x·a``, ``Y = T·b + bias`` with fp32
+    products and T rounded to the input dtype in between, as the kernel does.
+
+    x: [..., K]; a: [K, R]; b: [R, N]; bias: [N] or None. Returns (y [..., N], t [M, R]).
+    """
+    t = torch.matmul(x.reshape(-1, a.shape[0]).float(), a.float()).to(x.dtype)
+    y = torch.matmul(t.float(), b.float())
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], b.shape[1]), t

@@ -1,16 +1,23 @@
-"""Triton-side settings shared by the kernels: interpreter mode, autotune configs, launching.
+"""Triton-side settings shared by the kernels: interpreter mode, autotuning, launching.
 
 Import this (and the kernel modules) only after ``TRITON_INTERPRET`` has its final value:
 ``triton.jit`` reads it when it decorates a kernel. ``plrd_kernels.op`` imports the kernel
 modules lazily, on the first call that needs them.
+
+Autotune keys are coarsened at lookup time, not on the host side of a launch: a kernel is
+keyed on its raw arguments (``M``, strides) and ``BucketedCache`` maps them to buckets
+(``M`` to a power of two, a stride to "is it 1"). The traced graph under ``torch.compile``
+then holds only the symbolic ``M``, and the bucket is computed from the concrete value when
+the autotuner runs (docs/kernels.md §4, §5).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import inspect
 import os
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,28 +35,107 @@ INTERPRETER_SMS = 4
 """Pretend SM count under the interpreter: small, so tests exercise split-N and split-M."""
 
 
+class BucketedCache(dict):
+    """``Autotuner.cache`` whose keys are coarsened before every lookup and store.
+
+    Triton builds the key as the values of the ``key`` arguments in order, then the dtypes of
+    the tensor arguments. ``maps[i]`` (if not None) replaces the i-th value, so e.g. every M
+    in one power-of-two bucket shares one tuned config.
+    """
+
+    def __init__(self, maps: Sequence[Callable[[Any], Any] | None]) -> None:
+        super().__init__()
+        self.maps = tuple(maps)
+
+    def _coarse(self, key: tuple) -> tuple:
+        head = tuple(v if f is None else f(v) for f, v in zip(self.maps, key, strict=False))
+        return head + tuple(key[len(self.maps) :])
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(self._coarse(key))  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple) -> Any:
+        return super().__getitem__(self._coarse(key))
+
+    def __setitem__(self, key: tuple, value: Any) -> None:
+        super().__setitem__(self._coarse(key), value)
+
+    def get(self, key: tuple, default: Any = None) -> Any:
+        return super().get(self._coarse(key), default)
+
+
+def unit_stride(stride: int) -> bool:
+    """Key map for a stride: only whether it is 1 (the operand's layout), not its value."""
+    return stride == 1
+
+
+_TUNERS: list[tuple[Any, list[triton.Config], list[triton.Config]]] = []
+"""Every autotuner made by ``autotune``: (tuner, its GPU configs, its interpreter configs)."""
+
+
 def autotune(
-    configs: Sequence[triton.Config], interpreter_config: triton.Config, key: list[str]
+    configs: Sequence[triton.Config],
+    interpreter_configs: Sequence[triton.Config],
+    key: Sequence[str],
+    buckets: Mapping[str, Callable[[Any], Any]] | None = None,
 ) -> Callable[[Any], Any]:
-    """``triton.autotune`` over ``configs`` on a GPU. A single config, never benchmarked,
-    under the interpreter (``interpreter_config``: autotuning there would run every config
-    many times, on the CPU) or with ``PLRD_AUTOTUNE=0`` (``configs[-1]``: each list ends
-    with its smallest config, the one sure to fit in shared memory)."""
+    """``triton.autotune`` over ``configs`` on a GPU, keyed on ``key`` with ``buckets``
+    applied (see ``BucketedCache``). One config, never benchmarked, under the interpreter
+    (``interpreter_configs[0]``; ``fresh_autotuning`` tunes over all of them) or with
+    ``PLRD_AUTOTUNE=0`` (``configs[-1]``: each list ends with its smallest config, the one
+    sure to fit in shared memory)."""
+    if len(interpreter_configs) < 2:
+        raise ValueError("give at least two interpreter configs (fresh_autotuning tunes them)")
     if INTERPRET:
-        chosen = [interpreter_config]
+        chosen = [interpreter_configs[0]]
     elif not AUTOTUNE:
         chosen = [configs[-1]]
     else:
         chosen = list(configs)
-    extra = {}
-    if "do_bench" in inspect.signature(triton.autotune).parameters:
-        extra["do_bench"] = _quick_bench
-    return triton.autotune(configs=chosen, key=key, **extra)
+    maps = [(buckets or {}).get(name) for name in key]
+
+    def decorate(fn: Any) -> Any:
+        tuner = triton.autotune(configs=chosen, key=list(key), do_bench=_bench)(fn)
+        tuner.cache = BucketedCache(maps)
+        _TUNERS.append((tuner, list(configs), list(interpreter_configs)))
+        return tuner
+
+    return decorate
 
 
-def _quick_bench(kernel_call: Callable[[], None], quantiles: Any) -> Any:
-    """Autotuning timer: 5 ms warm-up and 20 ms of runs per config, not Triton's 25 + 100 ms
-    (a new shape bucket costs about 0.1 s of tuning per kernel instead of 0.5 s)."""
+@contextlib.contextmanager
+def fresh_autotuning() -> Iterator[None]:
+    """Every kernel's autotuner starts from an empty cache inside the block, so the first
+    call of each shape tunes: the path where a kernel's benchmark runs precede the launch
+    whose result the caller gets. On a GPU it tunes over the full config lists (whatever
+    ``PLRD_AUTOTUNE`` says); under the interpreter the real ``triton.autotune`` runs over
+    each kernel's interpreter configs (two or more), timed by the CPU clock. Restored after.
+    """
+    import plrd_kernels.triton_ops  # noqa: F401  (every kernel module, so every tuner exists)
+
+    saved = [(tuner, tuner.configs, tuner.cache) for tuner, _, _ in _TUNERS]
+    for tuner, configs, interpreter_configs in _TUNERS:
+        tuner.configs = list(interpreter_configs if INTERPRET else configs)
+        tuner.cache = BucketedCache(tuner.cache.maps)
+    try:
+        yield
+    finally:
+        for tuner, configs, cache in saved:
+            tuner.configs, tuner.cache = configs, cache
+
+
+def _bench(kernel_call: Callable[[], None], quantiles: Any) -> Any:
+    """Autotuning timer. GPU: 5 ms warm-up and 20 ms of runs per config, not Triton's 25 +
+    100 ms (a new key costs about 0.1 s of tuning per kernel). Interpreter: two timed calls
+    on the CPU clock (CUDA events need a GPU; nothing compiles, so no warm-up)."""
+    if INTERPRET:
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            kernel_call()
+            times.append(1e3 * (time.perf_counter() - start))
+        times.sort()
+        return [times[0], times[0], times[-1]]
     import triton.testing
 
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)

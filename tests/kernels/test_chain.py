@@ -53,7 +53,8 @@ def test_forward_matches_float64(device, dtype, m, k, r, n):
 )
 def test_rank_chunks(device, dtype, rank, chunks):
     """Ranks past one launch's capacity: column chunks, Y accumulated in fp32, T in pieces."""
-    from plrd_kernels.chain import chain_reference, rank_chunks
+    from plrd_kernels.chain import rank_chunks
+    from plrd_kernels.reference import chain_reference
 
     assert len(rank_chunks(rank, dtype.itemsize)) == chunks
     x = torch.randn(2, 10, 40, device=device, dtype=dtype)
@@ -117,3 +118,35 @@ def test_empty_rows(device):
     x = torch.randn(0, 12, device=device)
     y, t = _chain(x, torch.randn(12, 3, device=device), torch.randn(3, 5, device=device))
     assert y.shape == (0, 5)
+
+
+def test_no_n_split_once_row_blocks_fill_the_sms():
+    """N is split only while the row blocks leave at least half the SMs idle (132: H200)."""
+    from plrd_kernels.chain import n_splits
+
+    assert n_splits(m_blocks=128, n_tiles=32, sms=132) == 1  # M 8192, BLOCK_M 64
+    assert n_splits(m_blocks=64, n_tiles=32, sms=132) == 2  # M 8192, BLOCK_M 128
+    assert n_splits(m_blocks=300, n_tiles=32, sms=132) == 1
+    assert n_splits(m_blocks=1, n_tiles=64, sms=132) == 64
+    assert n_splits(m_blocks=1, n_tiles=400, sms=132) == 132
+
+
+def test_grid_and_split_counts_stay_symbolic():
+    """With a symbolic M (torch.compile, dynamic shapes) the split-N count and the split-M
+    count of the reductions are expressions, and computing them adds no guard: on a GPU
+    both are evaluated while tracing (the CPU interpreter skips launches on fake tensors)."""
+    import triton
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from plrd_kernels.chain import n_splits
+    from plrd_kernels.grads import split_count
+
+    env = ShapeEnv()
+    symbol = env.create_symbol(8192, ConstantSource("m"), dynamic_dim=DimDynamic.DYNAMIC)
+    m = env.create_symintnode(symbol, hint=8192)
+    split_n = n_splits(triton.cdiv(m, 64), triton.cdiv(4096, 128), 132)
+    split_m = split_count(m, 4096, 64, 132)
+    assert isinstance(split_n, torch.SymInt) and isinstance(split_m, torch.SymInt)
+    assert not env.guards
+    assert (int(split_n), int(split_m)) == (1, 5)  # at the hint, M = 8192

@@ -151,3 +151,16 @@ def test_auto_dispatch_on_cuda(monkeypatch):
     x, down, up, _ = _inputs((4096,), 256, 64, 256, torch.bfloat16, bias=False)
     assert choose_backend(x, down, up) == "triton"
     assert choose_backend(x[:1], down, up) == "torch"
+
+
+def test_dynamic_rows_inductor(triton_backend):
+    """Inductor with ``dynamic=True``: one graph for several M (all above the decode and
+    split-M bounds), forward and backward right for each."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(lowrank_linear, dynamic=True, fullgraph=True)
+    for m in (1200, 2000, 3001):
+        _assert_close_to_float64(*_inputs((m,), 96, 24, 136, torch.bfloat16), 1e-2, compiled)
+    assert counters["stats"]["unique_graphs"] == 1

@@ -193,3 +193,30 @@ def test_opcheck_schema_autograd_fake(triton_backend):
         torch.ops.plrd.reduce_rows.default, (x.detach(), torch.randn(2, 5, 7, device=device), True),
         test_utils=utils,
     )  # fmt: skip
+
+
+def test_dynamic_rows_compile_once(triton_backend):
+    """``torch.compile(dynamic=True)`` keeps M symbolic on the Triton path: one graph for
+    every M above the decode path's bound, and one more for M ≤ that bound (a real branch:
+    other kernels), as the torch path would give one graph in all."""
+    from torch._dynamo.utils import counters
+
+    from plrd_kernels.decode import MAX_ROWS
+
+    device = triton_backend
+    down, up, bias = _factors(20, 6, 12, device, torch.float32)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(lowrank_linear, backend="eager", dynamic=True, fullgraph=True)
+
+    def run(m):
+        x = torch.randn(m, 20, device=device)
+        ref, _ = lowrank_linear_grads_reference(x, down, up, bias, torch.zeros(m, 12))
+        assert relative_error(compiled(x, down, up, bias), ref) < 1e-5, m
+
+    for m in (MAX_ROWS + 17, 70, 150, 600):
+        run(m)
+    assert counters["stats"]["unique_graphs"] == 1
+    for m in (2, MAX_ROWS):
+        run(m)
+    assert counters["stats"]["unique_graphs"] == 2

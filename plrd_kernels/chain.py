@@ -75,6 +75,8 @@ TIERS = {64: _CONFIGS_RANK_64, 256: _CONFIGS_RANK_256, 512: _CONFIGS_RANK_512}
 """Autotune configs by padded-rank tier: a tier serves the ranks RP ≤ its key."""
 
 
+# long: one GPU program's whole walk (T in registers across the K loop, then the N tiles); a
+# split into @triton.jit helpers would pass the tile state through many arguments for no gain
 @triton.jit
 def _chain_kernel(
     x_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, acc_ptr, t_ptr,

@@ -69,6 +69,7 @@ def _kernel_inputs(
 
 def _triton_path():
     """The Triton ops module, imported on first use (see the module docstring)."""
+    # lazy: importing Triton and registering the ops costs seconds the torch path never needs
     from plrd_kernels import triton_ops, tuning
 
     return triton_ops, tuning.INTERPRET

@@ -175,10 +175,10 @@ def test_a_copied_family_manifest_is_not_mistaken_for_this_run(capsys, tmp_path,
 
 def test_seed_context_and_unloadable_model_config(capsys, tmp_path, base, tiny_model_dir):
     _one_line_error(capsys, base() + ["--seed", "-1"], "--seed", "[0, 2^32)")
-    line = _one_line_error(capsys, base() + ["--seq-len", "4096"], "--seq-len 4096", "context")
-    assert "use --seq-len 128 or less" in line
+    line = _one_line_error(capsys, base() + ["--seq-len", "4096"], "--seq-len: 4096", "context")
+    assert "use 128 or less" in line
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken)
     (broken / "config.json").write_text("{ not json")
-    _one_line_error(capsys, base(model=broken), f"--model {broken} cannot be loaded")
+    _one_line_error(capsys, base(model=broken), f"--model: {broken} cannot be loaded")
     assert not (tmp_path / "fam").exists()

@@ -110,9 +110,8 @@ def fresh_autotuning() -> Iterator[None]:
     whose result the caller gets. On a GPU it tunes over the full config lists (whatever
     ``PLRD_AUTOTUNE`` says); under the interpreter the real ``triton.autotune`` runs over
     each kernel's interpreter configs (two or more), timed by the CPU clock. Restored after.
+    It covers the kernels loaded so far: import ``plrd_kernels.triton_ops`` first for all.
     """
-    import plrd_kernels.triton_ops  # noqa: F401  (every kernel module, so every tuner exists)
-
     saved = [(tuner, tuner.configs, tuner.cache) for tuner, _, _ in _TUNERS]
     for tuner, configs, interpreter_configs in _TUNERS:
         tuner.configs = list(interpreter_configs if INTERPRET else configs)

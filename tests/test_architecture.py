@@ -138,8 +138,11 @@ def test_functions_and_modules_are_small_or_say_why(module):
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             length = node.end_lineno - node.lineno + 1
-            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-            header = lines[max(0, first - 2) : node.lineno]
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+            above = first
+            while above > 0 and lines[above - 1].strip().startswith("#"):
+                above -= 1  # the comment block right above the definition
+            header = lines[above : node.lineno]
             if length > MAX_FUNCTION_LINES:
                 assert any(REASON in line for line in header), (
                     f"{path.relative_to(ROOT)}:{node.lineno} {node.name} has {length} lines; "

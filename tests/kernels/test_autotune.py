@@ -18,7 +18,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-3}
 
 
 def _tuners():
-    from plrd_kernels import tuning
+    from plrd_kernels import triton_ops, tuning  # noqa: F401 (every kernel module, every tuner)
 
     return [tuner for tuner, _, _ in tuning._TUNERS]
 
@@ -35,7 +35,7 @@ def _tuners():
     ],
 )
 def test_first_call_under_autotuning(triton_backend, m, k, n, r, dtype):
-    from plrd_kernels import tuning
+    from plrd_kernels import triton_ops, tuning  # noqa: F401 (every tuner registered)
 
     device = triton_backend
     x = torch.randn(m, k, device=device).to(dtype)

@@ -18,10 +18,10 @@ from plrd.family.checks import check_inputs, check_model
 from plrd.family.config import FamilyConfig
 from plrd.family.data import build_corpus
 from plrd.family.device import resolve_device
-from plrd.family.evaluate import evaluate
+from plrd.family.evaluate import evaluate, evaluate_general
 from plrd.family.record import FAMILY_FILE, read_record, verify_members
+from plrd.family.run_data import RunData, assemble, read_text_documents, text_corpus
 from plrd.family.schedule import build_family
-from plrd.family.sources import load_documents
 from plrd.family.stage import calibrate_and_decompose
 from plrd.io.atomic import read_json
 from plrd.io.checkpoint import verify_checkpoint
@@ -89,9 +89,10 @@ def _eval_config(args: argparse.Namespace, record: dict | None) -> FamilyConfig:
     recorded |= (record or {}).get("evaluation", {})
     if record is not None:
         recorded["data"] = record.get("corpus", {}).get("data", recorded.get("data"))
-    recorded_names = ("data", "text_column", "seq_len", "held_out_fraction", "eval_tokens")
+    recorded_names = ("data", "eval_data", "self_tokens", "seed", "text_column", "seq_len")
+    recorded_names += ("held_out_fraction", "eval_tokens")
     for name in (*recorded_names, "eval_batch_size"):
-        if getattr(args, name) is None and recorded.get(name) is not None:
+        if getattr(args, name, None) is None and recorded.get(name) is not None:
             value = recorded[name]
             setattr(args, name, tuple(value) if isinstance(value, list) else value)
     return config_from_args(args)
@@ -115,12 +116,36 @@ def _eval_targets(root: Path, record: dict | None) -> list[tuple[str, str]]:
     return [(str(root), str(root))]
 
 
-def run_eval(args: argparse.Namespace) -> list[dict]:
-    """Held-out perplexity and tokens/s of DIR: a family (each member), a member, or a model.
+def _parent_of(root: Path, record: dict | None) -> str | None:
+    """The model a family or a decomposed member was made from, when it is known."""
+    if record is not None:
+        return record["parent"]["name"]
+    metrics = root / MEMBER_FILE
+    return read_json(metrics).get("source") if metrics.is_file() else None
 
-    A family is measured on the text and split recorded in its family.json (checked by the
-    corpus fingerprint), so the figures match the family's; ``--data`` and the other corpus
-    flags override that.
+
+def _eval_data(cfg: FamilyConfig, root: Path, record: dict | None, tokenizer, device):
+    """The held-out and general blocks, assembled as the family run does (the parent's own
+    text from the cache, the same splits), and the parent (None when unknown)."""
+    name = _parent_of(root, record)
+    parent = load_model(name, device)[0] if name is not None else None
+    corpus = text_corpus(cfg, read_text_documents(cfg), tokenizer)
+    if parent is None:
+        if corpus is None:
+            raise InputError(f"{root}: its parent is unknown, so --data self cannot be made")
+        return RunData(corpus=corpus, general=None, general_source="none"), None
+    for p in parent.parameters():
+        p.requires_grad_(False)
+    return assemble(cfg, corpus, parent, tokenizer), parent
+
+
+def run_eval(args: argparse.Namespace) -> list[dict]:
+    """Held-out perplexity, general perplexity and KL to the parent (when the parent is known)
+    and tokens/s of DIR: a family (each member), a member, or a model.
+
+    A family is measured on the text and splits recorded in its family.json (checked by the
+    corpus fingerprint), so the figures match the family's; ``--data``, ``--eval-data`` and the
+    other corpus flags override that.
     """
     root = Path(args.dir)
     record = read_record(root)
@@ -130,42 +155,44 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
     device = resolve_device(cfg.device)
     targets = _eval_targets(root, record)
     tokenizer = load_tokenizer(targets[0][1])
-    corpus = build_corpus(
-        load_documents(cfg.data, cfg.text_column), tokenizer, cfg.seq_len, cfg.held_out_fraction
-    )
+    data, parent = _eval_data(cfg, root, record, tokenizer, device)
     fingerprint = (record or {}).get("corpus", {}).get("fingerprint")
-    if own_text and fingerprint is not None and fingerprint != corpus.fingerprint:
+    if own_text and fingerprint is not None and fingerprint != data.corpus.fingerprint:
         raise InputError(
             f"the corpus recorded in {root / FAMILY_FILE} ({_describe_text(cfg.data)}) has "
             "changed since the family was built; pass --data to evaluate on other text"
         )
-    blocks = corpus.eval_blocks(cfg.eval_tokens)
+    blocks = data.corpus.eval_blocks(cfg.eval_tokens)
     source = "the family's own held-out split" if own_text else "the held-out split"
     print(
         f"evaluating on {source} of {_describe_text(cfg.data)}: {blocks.numel():,} tokens "
         f"in blocks of {cfg.seq_len}, {torch.get_num_threads()} threads"
+        + (f"; general text: {data.general_source}" if parent is not None else "")
     )
-    rows = []
-    for label, path in targets:
-        model, _, _ = load_model(path, device)
-        ev = evaluate(model, blocks, cfg.eval_batch_size)
-        rows.append(
-            {
-                "model": label,
-                "params": count_parameters(model),
-                "held_out_ppl": ev.ppl,
-                "tokens_per_s": ev.tokens_per_s,
-                "threads": ev.threads,
-                "eval_tokens": ev.tokens,
-            }
-        )
-        print(
-            f"{label}: {format_params(rows[-1]['params'])} parameters, held-out ppl "
-            f"{ev.ppl:.2f} on {ev.tokens:,} tokens, {ev.tokens_per_s:.0f} tokens/s "
-            f"({ev.threads} threads)"
-        )
-        del model
-    return rows
+    return [_eval_one(label, path, blocks, data, parent, cfg, device) for label, path in targets]
+
+
+def _eval_one(label, path, blocks, data: RunData, parent, cfg: FamilyConfig, device) -> dict:
+    model, _, _ = load_model(path, device)
+    ev = evaluate(model, blocks, cfg.eval_batch_size)
+    row = {
+        "model": label,
+        "params": count_parameters(model),
+        "held_out_ppl": ev.ppl,
+        "tokens_per_s": ev.tokens_per_s,
+        "threads": ev.threads,
+        "eval_tokens": ev.tokens,
+    }
+    general = ""
+    if parent is not None:
+        g = evaluate_general(model, parent, data.general, cfg.eval_batch_size)
+        row |= {"general_ppl": g.ppl, "kl_to_parent": g.kl_to_parent}
+        general = f", general ppl {g.ppl:.2f}, KL to parent {g.kl_to_parent:.3f}"
+    print(
+        f"{label}: {format_params(row['params'])} parameters, held-out ppl {ev.ppl:.2f} on "
+        f"{ev.tokens:,} tokens{general}, {ev.tokens_per_s:.0f} tokens/s ({ev.threads} threads)"
+    )
+    return row
 
 
 def _stored_params(root: Path) -> int:

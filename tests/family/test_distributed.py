@@ -15,21 +15,24 @@ import torch
 
 from plrd.cli.entry import main
 from plrd.family import distributed
-from tests.family.conftest import SEQ
+from tests.helpers import family_argv
+from tests.tiny_family import SEQ
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _argv(model: Path, data: Path, out: Path, batch_size: int) -> list[str]:
-    return [
-        "family",
-        *("--model", str(model), "--data", str(data), "--out", str(out)),
-        *("--sizes", "0.9,0.8", "--tokens-per-stage", str(6 * 4 * SEQ)),
-        *("--batch-size", str(batch_size), "--seq-len", str(SEQ), "--objective", "lm+kd"),
-        *("--lr", "3e-3", "--eval-tokens", str(8 * SEQ), "--calib-tokens", str(8 * SEQ)),
-        *("--held-out-fraction", "0.2", "--checkpoint-every", "2", "--device", "cpu"),
-        "--no-progress",
-    ]
+    return family_argv(
+        model,
+        data,
+        out,
+        seq_len=SEQ,
+        tokens_per_stage=6 * 4 * SEQ,
+        batch_size=batch_size,
+        eval_tokens=8 * SEQ,
+        calib_tokens=8 * SEQ,
+        checkpoint_every=2,
+    )
 
 
 def test_helpers_are_the_identity_in_one_process():

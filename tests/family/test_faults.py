@@ -115,7 +115,7 @@ def test_cli_stops_with_one_line_and_resumes(monkeypatch, capsys, tmp_path):
     """``plrd family`` on poisoned losses: exit 1, one line naming the flag and the checkpoint;
     the same command without the poison resumes from that checkpoint and finishes."""
     from plrd.cli.entry import EXIT_FAILURE, main
-    from tests.family.conftest import SEQ, build_model_dir, fixture_documents
+    from tests.tiny_family import SEQ, build_model_dir, fixture_documents
 
     docs = fixture_documents()
     model_dir = build_model_dir(tmp_path / "model", docs)

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from plrd.cli.entry import EXIT_INTERRUPTED, main
 from plrd.family.train_state import STATE, STATE_TENSORS, checkpoint_dir, read_state
-from tests.family.conftest import SEQ
+from tests.helpers import family_argv
+from tests.tiny_family import SEQ
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8  # per stage
@@ -37,15 +38,17 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _argv(model: Path, data: Path, out: Path) -> list[str]:
-    return [
-        "family",
-        *("--model", str(model), "--data", str(data), "--out", str(out)),
-        *("--sizes", "0.9,0.8", "--tokens-per-stage", str(STEPS * 2 * SEQ)),
-        *("--batch-size", "2", "--seq-len", str(SEQ), "--objective", "lm+kd", "--lr", "3e-3"),
-        *("--eval-tokens", str(4 * SEQ), "--calib-tokens", str(4 * SEQ)),
-        *("--held-out-fraction", "0.2", "--checkpoint-every", "1", "--device", "cpu"),
-        "--no-progress",
-    ]
+    return family_argv(
+        model,
+        data,
+        out,
+        seq_len=SEQ,
+        tokens_per_stage=STEPS * 2 * SEQ,
+        batch_size=2,
+        eval_tokens=4 * SEQ,
+        calib_tokens=4 * SEQ,
+        checkpoint_every=1,
+    )
 
 
 def _log_lines(path: Path) -> int:

@@ -13,20 +13,7 @@ import pytest
 import torch
 
 from plrd.cli.entry import EXIT_USAGE, main
-
-
-def _one_line_error(capsys, argv, *needles):
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == EXIT_USAGE, err
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    assert lines[0].startswith("plrd ")
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+from tests.helpers import one_line_error
 
 
 @pytest.fixture
@@ -67,12 +54,12 @@ def _variant(tiny_model_dir: Path, out: Path, edit) -> Path:
 def test_unwritable_output_is_refused_before_any_work(capsys, tmp_path, base):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    line = _one_line_error(capsys, base(out=blocker / "fam"), "--out", "not writable")
+    line = one_line_error(capsys, base(out=blocker / "fam"), "--out", "not writable")
     assert str(blocker / "fam") in line
-    _one_line_error(capsys, base(out=blocker), "exists and is not a directory")
+    one_line_error(capsys, base(out=blocker), "exists and is not a directory")
     # the check creates nothing it does not keep
     nested = tmp_path / "new" / "deeper" / "fam"
-    _one_line_error(capsys, base(out=nested) + ["--sizes", "0.9,0.95"], "--sizes")
+    one_line_error(capsys, base(out=nested) + ["--sizes", "0.9,0.95"], "--sizes")
     assert not (tmp_path / "new").exists()
 
 
@@ -86,7 +73,7 @@ def test_read_only_output_directory(capsys, tmp_path, base):
     else:
         ro = Path("/sys")
     try:
-        _one_line_error(capsys, base(out=ro / "plrd-fam"), "not writable")
+        one_line_error(capsys, base(out=ro / "plrd-fam"), "not writable")
     finally:
         if ro != Path("/sys"):
             ro.chmod(0o755)
@@ -97,23 +84,23 @@ def test_decompose_checks_its_output_too(capsys, tmp_path, tiny_model_dir, corpu
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     argv = ["decompose", "--size", "0.8", "--out", str(blocker / "m"), "--model"]
-    _one_line_error(capsys, argv + [str(tiny_model_dir), "--data", str(corpus_dir)], "--out")
+    one_line_error(capsys, argv + [str(tiny_model_dir), "--data", str(corpus_dir)], "--out")
 
 
 def test_binary_file_named_txt_is_refused(capsys, tmp_path, base):
     binary = tmp_path / "weights.txt"
     binary.write_bytes(bytes(range(256)) * 64)
-    _one_line_error(capsys, base(data=binary), "weights.txt", "not UTF-8")
+    one_line_error(capsys, base(data=binary), "weights.txt", "not UTF-8")
     nul = tmp_path / "nul.txt"
     nul.write_bytes(b"plain words\x00\x00\x00 and more words\n" * 200)
-    _one_line_error(capsys, base(data=nul), "nul.txt", "not text")
+    one_line_error(capsys, base(data=nul), "nul.txt", "not text")
     assert not (tmp_path / "fam").exists()
 
 
 def test_unreadable_and_undecodable_data(capsys, tmp_path, base, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "caf\xe9"}\n')
-    _one_line_error(capsys, base(data=bad), "bad.jsonl", "not UTF-8")
+    one_line_error(capsys, base(data=bad), "bad.jsonl", "not UTF-8")
 
     locked = tmp_path / "locked.txt"
     locked.write_text("some text\n\nmore text")
@@ -122,7 +109,7 @@ def test_unreadable_and_undecodable_data(capsys, tmp_path, base, monkeypatch):
         raise PermissionError(13, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "read_text", denied)
-    _one_line_error(capsys, base(data=locked), "locked.txt", "cannot be read", "Permission")
+    one_line_error(capsys, base(data=locked), "locked.txt", "cannot be read", "Permission")
     assert not (tmp_path / "fam").exists()
 
 
@@ -131,7 +118,7 @@ def test_model_without_targetable_layers(capsys, tmp_path, base, tiny_model_dir)
         config.num_hidden_layers = 0
 
     empty = _variant(tiny_model_dir, tmp_path / "no-layers", no_layers)
-    line = _one_line_error(capsys, base(model=empty), "no linear layer", "lm_head")
+    line = one_line_error(capsys, base(model=empty), "no linear layer", "lm_head")
     assert str(empty) in line
     assert not (tmp_path / "fam").exists()
 
@@ -142,13 +129,13 @@ def test_model_with_non_finite_weights(capsys, tmp_path, base, tiny_model_dir):
             model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
 
     bad = _variant(tiny_model_dir, tmp_path / "nan-model", poison)
-    _one_line_error(capsys, base(model=bad), "model.layers.1.mlp.up_proj.weight", "NaN or inf")
+    one_line_error(capsys, base(model=bad), "model.layers.1.mlp.up_proj.weight", "NaN or inf")
     assert not (tmp_path / "fam").exists()
 
 
 def test_sizes_out_of_reach_and_bad_fault_limit(capsys, tmp_path, base):
-    _one_line_error(capsys, base() + ["--sizes", "0.9,0.02"], "size 0.02", "out of reach")
-    _one_line_error(capsys, base() + ["--max-bad-steps", "-1"], "--max-bad-steps", ">= 0")
+    one_line_error(capsys, base() + ["--sizes", "0.9,0.02"], "size 0.02", "out of reach")
+    one_line_error(capsys, base() + ["--max-bad-steps", "-1"], "--max-bad-steps", ">= 0")
     assert not (tmp_path / "fam").exists()
 
 
@@ -169,16 +156,16 @@ def test_a_copied_family_manifest_is_not_mistaken_for_this_run(capsys, tmp_path,
     (out / "family.json").write_text(
         json.dumps({"config": {"model": "other", "seq_len": 32}, "corpus": {}, "members": []})
     )
-    _one_line_error(capsys, base(out=out), "other settings")
+    one_line_error(capsys, base(out=out), "other settings")
     shutil.rmtree(out)
 
 
 def test_seed_context_and_unloadable_model_config(capsys, tmp_path, base, tiny_model_dir):
-    _one_line_error(capsys, base() + ["--seed", "-1"], "--seed", "[0, 2^32)")
-    line = _one_line_error(capsys, base() + ["--seq-len", "4096"], "--seq-len: 4096", "context")
+    one_line_error(capsys, base() + ["--seed", "-1"], "--seed", "[0, 2^32)")
+    line = one_line_error(capsys, base() + ["--seq-len", "4096"], "--seq-len: 4096", "context")
     assert "use 128 or less" in line
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken)
     (broken / "config.json").write_text("{ not json")
-    _one_line_error(capsys, base(model=broken), f"--model: {broken} cannot be loaded")
+    one_line_error(capsys, base(model=broken), f"--model: {broken} cannot be loaded")
     assert not (tmp_path / "fam").exists()

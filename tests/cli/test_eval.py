@@ -23,11 +23,11 @@ def family(tmp_path_factory, cli_inputs):
     return out, data
 
 
-def _ppl_lines(text: str) -> dict[str, str]:
+def _ppl_lines(text: str, what: str = "held-out ppl") -> dict[str, str]:
     return {
-        line.split(":")[0]: line.split("held-out ppl ")[1].split()[0]
+        line.split(":")[0]: line.split(f"{what} ")[1].split()[0].rstrip(",")
         for line in text.splitlines()
-        if "held-out ppl" in line
+        if what in line
     }
 
 
@@ -40,6 +40,10 @@ def test_eval_of_a_family_prints_the_perplexities_of_family_json(family, capsys)
     assert "the family's own held-out split" in printed and str(data) in printed
     ppl = _ppl_lines(printed)
     assert ppl == {m["path"]: f"{m['held_out_ppl']:.2f}" for m in manifest["members"]}
+    general = _ppl_lines(printed, "general ppl")
+    assert general == {m["path"]: f"{m['general_ppl']:.2f}" for m in manifest["members"]}
+    kl = _ppl_lines(printed, "KL to parent")
+    assert kl == {m["path"]: f"{m['kl_to_parent']:.3f}" for m in manifest["members"]}
 
 
 def test_eval_data_before_dir_and_after_dir_agree(family, capsys, corpus_dir):

@@ -1,12 +1,11 @@
-"""Fixtures for the family pipeline: a tiny random Llama saved with its own byte-level BPE
-tokenizer (built offline from the fixture text), and a small corpus on disk.
-"""
+"""A tiny family set-up built offline: a random Llama saved with its own byte-level BPE
+tokenizer (trained on the fixture text), the fixture documents, and a FamilyConfig sized to run
+in seconds."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 HIDDEN = 64
@@ -66,36 +65,6 @@ def build_model_dir(path: Path, texts: list[str]) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory, monkeypatch) -> None:
-    """Converted models and parent-written text go to a cache of this test session, not the
-    user's (``$PLRD_CACHE``); subprocesses inherit it."""
-    monkeypatch.setenv("PLRD_CACHE", str(tmp_path_factory.getbasetemp() / "plrd-cache"))
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """Directory of a tiny random Llama + tokenizer (session-wide; treat as read-only)."""
-    return build_model_dir(tmp_path_factory.mktemp("tiny-llama"), fixture_documents())
-
-
-@pytest.fixture(scope="session")
-def corpus_dir(tmp_path_factory) -> Path:
-    """A folder of .txt, .md and .jsonl files holding the fixture documents."""
-    import json
-
-    root = tmp_path_factory.mktemp("corpus")
-    docs = fixture_documents()
-    for i, text in enumerate(docs[:8]):
-        (root / f"doc{i:02d}.txt").write_text(text)
-    for i, text in enumerate(docs[8:16]):
-        (root / f"doc{i:02d}.md").write_text(text)
-    with open(root / "more.jsonl", "w") as f:
-        for text in docs[16:]:
-            f.write(json.dumps({"text": text}) + "\n")
-    return root
-
-
 def tiny_family_config(model_dir: Path, data_dir: Path, **overrides):
     """A FamilyConfig sized for the tiny model: seconds, not minutes."""
     from plrd.family.config import FamilyConfig
@@ -120,25 +89,3 @@ def tiny_family_config(model_dir: Path, data_dir: Path, **overrides):
     values.update(overrides)
     values["out"] = str(values["out"])
     return FamilyConfig.of(**values)
-
-
-@pytest.fixture
-def make_config(tiny_model_dir, corpus_dir, tmp_path):
-    """``make_config(**overrides)``: a tiny FamilyConfig writing under this test's tmp_path."""
-
-    def make(**overrides):
-        overrides.setdefault("out", tmp_path / "family")
-        return tiny_family_config(tiny_model_dir, corpus_dir, **overrides)
-
-    return make
-
-
-@pytest.fixture(scope="module")
-def cli_inputs(tmp_path_factory):
-    """(model dir, corpus file) for tests that run the ``plrd`` command in subprocesses."""
-    root = tmp_path_factory.mktemp("cli")
-    docs = fixture_documents()
-    model = build_model_dir(root / "model", docs)
-    data = root / "corpus.txt"
-    data.write_text("\n\n".join(docs))
-    return model, data

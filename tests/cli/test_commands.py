@@ -10,18 +10,7 @@ import pytest
 import torch
 
 from plrd.cli.entry import EXIT_USAGE, build_parser, main
-
-
-def _one_line_error(capsys, argv, *needles):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == EXIT_USAGE
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+from tests.helpers import one_line_error
 
 
 @pytest.mark.parametrize(
@@ -38,25 +27,25 @@ def _one_line_error(capsys, argv, *needles):
 )
 def test_bad_sizes(capsys, tmp_path, sizes, needle):
     out = tmp_path / "fam"
-    _one_line_error(capsys, ["family", "--sizes", sizes, "--out", str(out)], "--sizes", needle)
+    one_line_error(capsys, ["family", "--sizes", sizes, "--out", str(out)], "--sizes", needle)
     assert not out.exists()
 
 
 def test_bad_data_model_and_numbers(capsys, tmp_path, tiny_model_dir):
     out = tmp_path / "fam"
     base = ["family", "--out", str(out), "--model", str(tiny_model_dir)]
-    _one_line_error(capsys, base + ["--data", str(tmp_path / "none.txt")], "does not exist")
+    one_line_error(capsys, base + ["--data", str(tmp_path / "none.txt")], "does not exist")
     (tmp_path / "empty.md").write_text("\n\n")
-    _one_line_error(capsys, base + ["--data", str(tmp_path / "empty.md")], "empty")
+    one_line_error(capsys, base + ["--data", str(tmp_path / "empty.md")], "empty")
     (tmp_path / "short.txt").write_text("Only a few words here.")
-    _one_line_error(capsys, base + ["--data", str(tmp_path / "short.txt")], "fewer than two blocks")
-    _one_line_error(capsys, ["family", "--model", str(tmp_path / "nomodel")], "not a directory")
-    _one_line_error(capsys, base + ["--tokens-per-stage", "many"], "not an integer")
-    _one_line_error(capsys, base + ["--objective", "mse"], "invalid choice")
-    _one_line_error(capsys, base + ["--bogus"], "unrecognized")
+    one_line_error(capsys, base + ["--data", str(tmp_path / "short.txt")], "fewer than two blocks")
+    one_line_error(capsys, ["family", "--model", str(tmp_path / "nomodel")], "not a directory")
+    one_line_error(capsys, base + ["--tokens-per-stage", "many"], "not an integer")
+    one_line_error(capsys, base + ["--objective", "mse"], "invalid choice")
+    one_line_error(capsys, base + ["--bogus"], "unrecognized")
     if not torch.cuda.is_available():
-        _one_line_error(capsys, base + ["--device", "cuda"], "CUDA is not available")
-    _one_line_error(capsys, base + ["--device", "gpu7"], "not a torch device")
+        one_line_error(capsys, base + ["--device", "cuda"], "CUDA is not available")
+    one_line_error(capsys, base + ["--device", "gpu7"], "not a torch device")
     assert not out.exists()
 
 
@@ -169,4 +158,4 @@ def test_family_decompose_eval_info_commands(capsys, tmp_path, tiny_model_dir, c
     assert main(["info", str(member)]) == 0
     shown = capsys.readouterr().out
     assert "factored layers" in shown and "self_attn.q_proj" in shown
-    _one_line_error(capsys, ["info", str(tmp_path)], "neither")
+    one_line_error(capsys, ["info", str(tmp_path)], "neither")

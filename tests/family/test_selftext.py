@@ -1,0 +1,87 @@
+"""Text written by the parent: deterministic, cached by parent, seed and length, resumable after
+a kill, and made again for another parent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from plrd.family.selftext import SelfText, model_digest, row_documents
+from tests.tiny_models import tiny_llama
+
+ROOT = Path(__file__).resolve().parents[2]
+ROWS, LENGTH, CHUNK = 12, 24, 2  # 6 chunks
+EOS = 1
+
+# A generation slowed down per chunk so that a kill lands after the first chunks are cached.
+SLOW = f"""
+import sys, time
+import torch
+import plrd.family.selftext as st
+from tests.tiny_models import tiny_llama
+_rows = st.generate_rows
+def slow(*a, **k):
+    time.sleep(0.4)
+    return _rows(*a, **k)
+st.generate_rows = slow
+torch.set_num_threads(1)
+model = tiny_llama()
+source = st.SelfText(sys.argv[1], st.model_digest(model), 0, {LENGTH}, chunk_rows={CHUNK})
+source.rows(model, {ROWS}, {{0}}, {EOS})
+"""
+
+
+def _rows(cache: Path, model: torch.nn.Module) -> torch.Tensor:
+    source = SelfText(cache, model_digest(model), 0, LENGTH, chunk_rows=CHUNK)
+    return source.rows(model, ROWS, {0}, EOS)
+
+
+def test_generation_is_deterministic_and_read_back_from_the_cache(tmp_path):
+    model = tiny_llama()
+    first = _rows(tmp_path / "a", model)
+    assert first.shape == (ROWS, LENGTH)
+    again = _rows(tmp_path / "a", model)  # from the cache
+    assert torch.equal(first, again)
+    assert torch.equal(first, _rows(tmp_path / "b", model))  # made anew, the same
+    docs = row_documents(first, EOS)
+    assert all(EOS not in d[1:] for d in docs) and all(len(d) >= 1 for d in docs)
+
+
+def test_a_killed_generation_resumes_at_the_first_missing_chunk(tmp_path):
+    cache = tmp_path / "cache"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", SLOW, str(cache)], env=env)
+    model = tiny_llama()
+    source = SelfText(cache, model_digest(model), 0, LENGTH, chunk_rows=CHUNK)
+    deadline = time.time() + 120
+    while source.cached_chunks() < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = source.cached_chunks()
+    assert proc.returncode == -signal.SIGKILL, f"the generation ended by itself ({proc.returncode})"
+    assert 2 <= done < ROWS // CHUNK, done
+    stamps = {i: source.chunk_path(i).stat().st_mtime_ns for i in range(done)}
+    resumed = source.rows(model, ROWS, {0}, EOS)
+    assert all(source.chunk_path(i).stat().st_mtime_ns == t for i, t in stamps.items())
+    assert torch.equal(resumed, _rows(tmp_path / "uninterrupted", model))
+    leftovers = [p for p in source.directory.iterdir() if p.name.endswith(".tmp")]
+    assert not leftovers
+
+
+def test_another_parent_gets_its_own_text(tmp_path):
+    model = tiny_llama()
+    other = tiny_llama()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    assert model_digest(model) != model_digest(other)
+    mine, theirs = _rows(tmp_path, model), _rows(tmp_path, other)
+    assert len(list((tmp_path / "selftext").iterdir())) == 2
+    assert not torch.equal(mine, theirs)

@@ -14,6 +14,7 @@ from plrd.cli.parser import config_from_args
 from plrd.core.counting import count_parameters, format_params
 from plrd.errors import InputError
 from plrd.family import distributed
+from plrd.family.card import CARD_FILE, member_card
 from plrd.family.checks import check_inputs, check_model
 from plrd.family.config import FamilyConfig
 from plrd.family.data import build_corpus
@@ -73,7 +74,10 @@ def run_decompose(args: argparse.Namespace) -> dict:
         ev = evaluate(model, corpus.eval_blocks(cfg.eval_tokens), cfg.eval_batch_size)
         entry |= {"zero_shot_ppl": ev.ppl, "tokens_per_s": ev.tokens_per_s}
     entry["seconds"] = round(time.perf_counter() - started, 1)
-    save_member(model, tokenizer, args.out, entry, {"decompose.txt": f"{report}\n"})
+    card = member_card(model, cfg.model, before, entry, cfg.recipe())
+    save_member(
+        model, tokenizer, args.out, entry, {"decompose.txt": f"{report}\n", CARD_FILE: card}
+    )
     summary = f"{args.out}: {format_params(before)} -> {format_params(entry['params'])} parameters"
     if "zero_shot_ppl" in entry:
         summary += f", held-out ppl {entry['zero_shot_ppl']:.2f}"

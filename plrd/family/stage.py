@@ -27,6 +27,7 @@ from plrd.core.counting import count_parameters, format_params
 from plrd.core.surgery import DecompositionReport, decompose
 from plrd.errors import DamagedFileError
 from plrd.family import distributed
+from plrd.family.card import CARD_FILE, member_card
 from plrd.family.config import FamilyConfig
 from plrd.family.data import Corpus
 from plrd.family.evaluate import EvalResult, GeneralResult, evaluate_general, evaluate_sharded
@@ -333,6 +334,9 @@ def save_and_record(run: FamilyRun, model: torch.nn.Module, paths: StagePaths, e
     if run.main:
         report = paths.stage_dir / REPORT_FILE
         files = {REPORT_FILE: report.read_text()} if report.is_file() else {}
+        files[CARD_FILE] = member_card(
+            model, run.cfg.model, run.parent_params, entry, run.cfg.recipe()
+        )
         save_member(model, run.tokenizer, paths.member_dir, entry, files)
         try:
             verdict = ("verified", verify_member(paths.member_dir))

@@ -34,6 +34,8 @@ def parent_card_data(name: str) -> tuple[str, str | None]:
         except Exception:  # a README that is not a model card: no license to copy
             return Path(name).name, None
         return (data.base_model or Path(name).name), data.license
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser().resolve().name, None
     return name, None
 
 

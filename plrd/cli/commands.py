@@ -20,10 +20,11 @@ from plrd.family.config import FamilyConfig
 from plrd.family.data import build_corpus
 from plrd.family.device import resolve_device
 from plrd.family.evaluate import evaluate, evaluate_general
-from plrd.family.record import FAMILY_FILE, read_record, verify_members
+from plrd.family.record import FAMILY_FILE, read_record, verify_members, write_record
 from plrd.family.run_data import RunData, assemble, read_text_documents, text_corpus
 from plrd.family.schedule import build_family
 from plrd.family.stage import calibrate_and_decompose
+from plrd.family.tasks import primary_metric, score, task_manager
 from plrd.io.atomic import read_json
 from plrd.io.checkpoint import verify_checkpoint
 from plrd.io.info import INFO_FILE, WEIGHTS_FILE
@@ -157,6 +158,7 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
     cfg = _eval_config(args, record)
     cfg.validate()
     device = resolve_device(cfg.device)
+    manager = task_manager(args.tasks, args.tasks_path) if args.tasks else None
     targets = _eval_targets(root, record)
     tokenizer = load_tokenizer(targets[0][1])
     data, parent = _eval_data(cfg, root, record, tokenizer, device)
@@ -173,11 +175,46 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
         f"in blocks of {cfg.seq_len}, {torch.get_num_threads()} threads"
         + (f"; general text: {data.general_source}" if parent is not None else "")
     )
-    return [_eval_one(label, path, blocks, data, parent, cfg, device) for label, path in targets]
+    rows = [
+        _eval_one(label, path, blocks, data, parent, cfg, device, args, manager)
+        for label, path in targets
+    ]
+    if manager is not None:
+        _record_tasks(root, record, rows, parent, tokenizer, cfg, args, manager)
+    return rows
 
 
-def _eval_one(label, path, blocks, data: RunData, parent, cfg: FamilyConfig, device) -> dict:
-    model, _, _ = load_model(path, device)
+def _record_tasks(root, record, rows, parent, tokenizer, cfg, args, manager) -> None:
+    """Scores of the parent too, then everything written into family.json and shown."""
+    if record is None:
+        return
+    if parent is not None:
+        record["parent"]["tasks"] = score(
+            parent, tokenizer, args.tasks, manager, cfg.eval_batch_size, args.tasks_limit
+        )
+        print(f"parent: {_task_line(record['parent']['tasks'])}")
+    by_path = {row["model"]: row for row in rows}
+    for member in record["members"]:
+        if member["path"] in by_path:
+            member["tasks"] = {**member.get("tasks", {}), **by_path[member["path"]]["tasks"]}
+    write_record(root, record)
+    print()
+    print(format_table(record))
+
+
+def _task_line(tasks: dict[str, dict[str, float]]) -> str:
+    shown = []
+    for task, metrics in tasks.items():
+        head = primary_metric(metrics)
+        if head is not None:
+            shown.append(f"{task} {head[0]} {head[1]:.3f}")
+    return ", ".join(shown)
+
+
+def _eval_one(
+    label, path, blocks, data: RunData, parent, cfg: FamilyConfig, device, args, manager
+) -> dict:
+    model, tokenizer, _ = load_model(path, device)
     ev = evaluate(model, blocks, cfg.eval_batch_size)
     row = {
         "model": label,
@@ -192,6 +229,11 @@ def _eval_one(label, path, blocks, data: RunData, parent, cfg: FamilyConfig, dev
         g = evaluate_general(model, parent, data.general, cfg.eval_batch_size)
         row |= {"general_ppl": g.ppl, "kl_to_parent": g.kl_to_parent}
         general = f", general ppl {g.ppl:.2f}, KL to parent {g.kl_to_parent:.3f}"
+    if manager is not None:
+        row["tasks"] = score(
+            model, tokenizer, args.tasks, manager, cfg.eval_batch_size, args.tasks_limit
+        )
+        general += f"; {_task_line(row['tasks'])}"
     print(
         f"{label}: {format_params(row['params'])} parameters, held-out ppl {ev.ppl:.2f} on "
         f"{ev.tokens:,} tokens{general}, {ev.tokens_per_s:.0f} tokens/s ({ev.threads} threads)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from plrd.core.counting import format_params
+from plrd.family.tasks import primary_metric
 
 
 def _columns(rows: Sequence[Sequence[str]]) -> str:
@@ -25,13 +26,30 @@ def _figure(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _task_names(record: dict) -> list[str]:
+    names: dict[str, None] = {}
+    for row in [record["parent"], *record["members"]]:
+        names.update(dict.fromkeys(row.get("tasks", {})))
+    return list(names)
+
+
+def _task_cells(row: dict, names: list[str]) -> tuple[str, ...]:
+    cells = []
+    for name in names:
+        head = primary_metric(row.get("tasks", {}).get(name, {}))
+        cells.append("-" if head is None else f"{head[1]:.3f}")
+    return tuple(cells)
+
+
 def format_table(record: dict) -> str:
-    """The family as a text table: one row for the parent, one per finished member."""
+    """The family as a text table: one row for the parent, one per finished member (and a
+    column per lm-eval task scored, its headline metric)."""
     parent = record["parent"]
+    tasks = _task_names(record)
     threads = record.get("evaluation", {}).get("threads")
     speed = f"tok/s ({threads} threads)" if threads else "tok/s"
     header = ("member", "params", "% parent", "tokens", "zero-shot ppl", "held-out ppl")
-    header += ("general ppl", "KL to parent", speed, "seconds")
+    header += ("general ppl", "KL to parent", speed, "seconds", *tasks)
     rows = [
         header,
         (
@@ -45,6 +63,7 @@ def format_table(record: dict) -> str:
             "0",
             f"{parent['tokens_per_s']:.0f}",
             "-",
+            *_task_cells(parent, tasks),
         ),
     ]
     for m in record["members"]:
@@ -60,6 +79,7 @@ def format_table(record: dict) -> str:
                 _figure(m.get("kl_to_parent"), 3),
                 f"{m['tokens_per_s']:.0f}",
                 f"{m['seconds']:.0f}",
+                *_task_cells(m, tasks),
             )
         )
     return _columns(rows)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from plrd.family import options
-from plrd.family.config import FamilyConfig, parse_number
+from plrd.family.config import FamilyConfig, parse_count, parse_number
 
 
 class UsageError(Exception):
@@ -85,6 +85,20 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n for n in text.replace(" ", "").split(",") if n)
+    if not names:
+        raise ValueError("give at least one task name, e.g. boolq,winogrande")
+    return names
+
+
+def _positive(text: str) -> int:
+    value = parse_count(text)
+    if value < 1:
+        raise ValueError(f"{value} must be >= 1")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = parse_number(text)
     if not 0.0 < value < 1.0:
@@ -142,6 +156,26 @@ def build_parser() -> argparse.ArgumentParser:
         "split unless --data (or another corpus flag) is given.",
     )
     ev.add_argument("dir", metavar="DIR", nargs="?")
+    ev.add_argument(
+        "--tasks",
+        type=_argparse_type(_names),
+        metavar="NAME,...",
+        help="lm-eval task names (boolq, winogrande, logiqa, mmlu, ... or your own) scored on "
+        "the parent and every member; written to family.json (needs pip install 'plrd[eval]')",
+    )
+    ev.add_argument(
+        "--tasks-path",
+        nargs="+",
+        metavar="DIR",
+        default=(),
+        help="folders of your own lm-eval task YAMLs",
+    )
+    ev.add_argument(
+        "--tasks-limit",
+        type=_argparse_type(_positive),
+        metavar="N",
+        help="score only the first N documents of each task (a quick look, not a result)",
+    )
     add_options(ev, "eval", unset=True)
     add_output_flags(ev)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from plrd.core.counting import format_params
+from plrd.family.tasks import primary_metric
 from plrd.io.atomic import atomic_path
 
 PANELS = (
@@ -67,6 +68,30 @@ def _panel(ax: Any, record: dict, zero_key: str, trained_key: str, title: str) -
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
 
 
+def _task_panel(ax: Any, record: dict) -> None:
+    """The headline metric of every lm-eval task scored, members and parent, vs parameters."""
+    from matplotlib.ticker import FuncFormatter
+
+    rows = [record["parent"], *record["members"]]
+    names = list(dict.fromkeys(t for row in rows for t in row.get("tasks", {})))
+    colors = ("tab:green", "tab:purple", "tab:red", "tab:brown", "tab:gray")
+    for i, name in enumerate(names):
+        color = colors[i % len(colors)]
+        points = [
+            (row["params"], head[1])
+            for row in rows
+            if (head := primary_metric(row.get("tasks", {}).get(name, {}))) is not None
+        ]
+        points.sort()
+        ax.plot(*zip(*points, strict=True), "o-", color=color, label=name)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: format_params(int(round(v)))))
+    ax.margins(x=0.12, y=0.15)
+    ax.set_xlabel("parameters (the largest is the parent)")
+    ax.set_title("lm-eval tasks (headline metric)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+
+
 def draw_family(record: dict) -> Any:
     """The family in ``record`` (family.json) as a matplotlib Figure: one panel per measure,
     legends below the axes, where they cannot cover a point or a label."""
@@ -75,9 +100,13 @@ def draw_family(record: dict) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(12, 5), dpi=110)
-    for ax, (zero_key, trained_key, title) in zip(axes, PANELS, strict=True):
+    tasks = any(row.get("tasks") for row in [record["parent"], *record["members"]])
+    panels = len(PANELS) + int(tasks)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 5), dpi=110)
+    for ax, (zero_key, trained_key, title) in zip(axes, PANELS, strict=False):
         _panel(ax, record, zero_key, trained_key, title)
+    if tasks:
+        _task_panel(axes[-1], record)
     tokens = record.get("config", {}).get("tokens_per_stage")
     title = "plrd family"
     if tokens is not None:

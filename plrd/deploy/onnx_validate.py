@@ -37,6 +37,7 @@ class PromptCheck:
     """Figures for one prompt; tokens are the generated ids (prompt excluded)."""
 
     prompt_tokens: int
+    logits_scale: float
     logits_diff: float
     logits_diff_cached: float
     torch_tokens: list[int]
@@ -51,9 +52,13 @@ class PromptCheck:
     def greedy_match_uncached(self) -> bool:
         return self.ort_tokens_uncached == self.torch_tokens
 
-    def passed(self, tolerance: float) -> bool:
-        """Both logit differences ≤ ``tolerance`` and both greedy sequences equal PyTorch's."""
-        close = max(self.logits_diff, self.logits_diff_cached) <= tolerance
+    def allowed(self, tolerance: float, rtol: float) -> float:
+        """The largest |Δlogit| accepted: ``tolerance + rtol · max |logit|`` (PyTorch's)."""
+        return tolerance + rtol * self.logits_scale
+
+    def passed(self, tolerance: float, rtol: float = 0.0) -> bool:
+        """Both logit differences within :meth:`allowed`, both greedy sequences PyTorch's."""
+        close = max(self.logits_diff, self.logits_diff_cached) <= self.allowed(tolerance, rtol)
         return close and self.greedy_match_cached and self.greedy_match_uncached
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,14 +69,18 @@ class PromptCheck:
 
     @staticmethod
     def header() -> str:
-        return f"{'tokens':>6}  {'max|Δlogit|':>11}  {'cached':>9}  greedy (cache/no cache)"
+        return (
+            f"{'tokens':>6}  {'max|logit|':>10}  {'max|Δlogit|':>11}  {'cached':>9}"
+            "  greedy (cache/no cache)"
+        )
 
     def row(self) -> str:
         n = len(self.torch_tokens)
         matches = (self.greedy_match_cached, self.greedy_match_uncached)
         marks = ["=" if ok else "≠" for ok in matches]
         return (
-            f"  {self.prompt_tokens:>6}  {self.logits_diff:>11.2e}  {self.logits_diff_cached:>9.2e}"
+            f"  {self.prompt_tokens:>6}  {self.logits_scale:>10.2f}  {self.logits_diff:>11.2e}"
+            f"  {self.logits_diff_cached:>9.2e}"
             f"  {n} tokens {marks[0]} / {marks[1]}"
         )
 
@@ -146,6 +155,7 @@ def check_prompt(
     start = len(prompt)
     return PromptCheck(
         prompt_tokens=len(prompt),
+        logits_scale=float(np.abs(reference).max()),
         logits_diff=_max_diff(logits, reference),
         logits_diff_cached=_max_diff(cached, reference),
         torch_tokens=_torch_greedy(model, ids, max_new_tokens),

@@ -195,9 +195,9 @@ def test_missing_extra_names_the_pip_command(monkeypatch, tmp_path, dirs):
 
 
 def test_prompt_check_fails_beyond_tolerance_or_on_a_token_mismatch():
-    good = PromptCheck(5, 2e-5, 3e-5, [1, 2], [1, 2], [1, 2])
-    assert good.passed(TOL) and not good.passed(1e-5)
-    assert not PromptCheck(5, 2e-5, 3e-5, [1, 2], [1, 3], [1, 2]).passed(TOL)
+    good = PromptCheck(5, 20.0, 2e-4, 3e-5, [1, 2], [1, 2], [1, 2])
+    assert good.passed(TOL, 1e-5) and not good.passed(TOL) and not good.passed(1e-5, 1e-6)
+    assert not PromptCheck(5, 2.0, 2e-5, 3e-5, [1, 2], [1, 3], [1, 2]).passed(TOL)
 
 
 def test_import_stays_light():

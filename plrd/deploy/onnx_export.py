@@ -129,9 +129,14 @@ def _causal_lm_names() -> set[str]:
 
 
 def _check_causal_config(config: Any, where: str) -> None:
+    """Raise unless the config's architectures (else its model type) name a causal LM."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     architectures = getattr(config, "architectures", None) or []
-    causal = _causal_lm_names()
-    ok = any(a in causal for a in architectures) if architectures else False
+    if architectures:  # saved by save_pretrained: the class it was saved from
+        ok = any(a in _causal_lm_names() for a in architectures)
+    else:  # config.save_pretrained alone records no class; the model type must have one
+        ok = getattr(config, "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     if not ok or getattr(config, "is_encoder_decoder", False):
         kind = ", ".join(architectures) or getattr(config, "model_type", "unknown")
         raise ExportError(

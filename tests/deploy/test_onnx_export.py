@@ -207,3 +207,34 @@ def test_import_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_sliding_window_cache_is_refused_clearly(tmp_path):
+    from tests.tiny_models import tiny_mistral
+
+    with pytest.raises(ExportError, match="DynamicSlidingWindowLayer"):
+        export_onnx(tiny_mistral(), tmp_path / "out")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_other_architectures_export(arch, tmp_path):
+    """Qwen2 (biased projections: Gemm) and GPT-2 (Conv1D layers, learned positions)."""
+    from tests.tiny_models import TINY_MODELS
+
+    model = TINY_MODELS[arch]()
+    plrd.decompose(model, keep=0.7, method="svd", progress=False)
+    report = export_onnx(model, tmp_path / "out", threads=1)
+    assert report.passed and report.max_abs_logit_diff <= TOL
+    assert graph_weight_products(tmp_path / "out" / "model.onnx") == expected_weight_products(model)
+
+
+def test_causal_check_reads_architectures_else_model_type():
+    from transformers import BertConfig, LlamaConfig
+
+    from plrd.deploy.onnx_export import _check_causal_config
+
+    _check_causal_config(LlamaConfig(), "llama")  # config.save_pretrained: no architectures
+    with pytest.raises(ExportError, match=r"not a causal language model \(BertForMaskedLM\)"):
+        _check_causal_config(BertConfig(architectures=["BertForMaskedLM"]), "bert")

@@ -224,16 +224,18 @@ def _load_tokenizer(directory: Path | None) -> Any:
 
 
 def _write_side_files(model: nn.Module, source: Path | None, tokenizer: Any, out: Path) -> None:
-    """config, generation config and tokenizer files: copied from ``source`` or saved anew."""
-    if source is not None:
-        for name in COPIED_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, out / name)
-        return
-    model.config.save_pretrained(out)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out)
-    if tokenizer is not None:
+    """config, generation config and tokenizer files: copied from ``source`` or saved anew.
+
+    An explicit ``tokenizer`` is saved when ``source`` had no tokenizer files to copy.
+    """
+    copied = [n for n in COPIED_FILES if source is not None and (source / n).is_file()]
+    for name in copied:
+        shutil.copy2(source / name, out / name)
+    if source is None:
+        model.config.save_pretrained(out)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(out)
+    if tokenizer is not None and not set(copied) - {"config.json", "generation_config.json"}:
         tokenizer.save_pretrained(out)
 
 

@@ -12,6 +12,7 @@ import torch
 from plrd.cli.display import describe_family, describe_member, format_table
 from plrd.cli.parser import config_from_args
 from plrd.core.counting import count_parameters, format_params
+from plrd.deploy.onnx_export import export_onnx
 from plrd.errors import InputError
 from plrd.family import distributed
 from plrd.family.card import CARD_FILE, member_card
@@ -239,6 +240,21 @@ def _eval_one(
         f"{ev.tokens:,} tokens{general}, {ev.tokens_per_s:.0f} tokens/s ({ev.threads} threads)"
     )
     return row
+
+
+def run_export(args: argparse.Namespace) -> object:
+    """Export DIR to ONNX and validate it in ONNX Runtime; print the report."""
+    report = export_onnx(
+        args.dir,
+        args.out,
+        opset=args.opset,
+        validate_prompts=args.prompt,
+        validate=not args.no_validate,
+        max_new_tokens=args.new_tokens,
+        overwrite=args.overwrite,
+    )
+    print(report)
+    return report
 
 
 def _stored_params(root: Path) -> int:

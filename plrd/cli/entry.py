@@ -33,6 +33,7 @@ COMMANDS = {
     "decompose": commands.run_decompose,
     "eval": commands.run_eval,
     "info": commands.run_info,
+    "export": commands.run_export,
 }
 
 

@@ -107,6 +107,7 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``plrd`` parser: one subparser per command."""
     parser = Parser(
         prog="plrd",
         description="Progressive Low-Rank Decomposition: one pretrained model in, a family of "
@@ -115,7 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    for add in (_add_family, _add_decompose, _add_eval, _add_export, _add_info):
+        add(sub)
+    return parser
 
+
+def _add_family(sub: Any) -> None:
     fam = sub.add_parser(
         "family",
         formatter_class=Formatter,
@@ -129,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(fam, "family")
     add_output_flags(fam)
 
+
+def _add_decompose(sub: Any) -> None:
     dec = sub.add_parser(
         "decompose",
         formatter_class=Formatter,
@@ -147,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(dec, "decompose")
     add_output_flags(dec)
 
+
+def _add_eval(sub: Any) -> None:
     ev = sub.add_parser(
         "eval",
         formatter_class=Formatter,
@@ -179,6 +189,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(ev, "eval", unset=True)
     add_output_flags(ev)
 
+
+def _add_export(sub: Any) -> None:
+    exp = sub.add_parser(
+        "export",
+        formatter_class=Formatter,
+        help="export a member (or a dense model) to ONNX with KV cache, validated in ONNX Runtime",
+        description="Export DIR (a member directory or a Hugging Face model directory) to --out "
+        "as an ONNX causal LM with past/present key values, the factored layers kept as two "
+        "MatMuls, plus config and tokenizer; then run it in ONNX Runtime against PyTorch on a "
+        "few prompts and report the largest logit difference (needs pip install 'plrd[onnx]').",
+    )
+    exp.add_argument("dir", metavar="DIR")
+    exp.add_argument("--out", required=True, help="output directory (must be empty)")
+    exp.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
+    exp.add_argument(
+        "--opset", type=_argparse_type(_positive), help="ONNX opset (default: the exporter's)"
+    )
+    exp.add_argument(
+        "--prompt", action="append", help="validation prompt (repeatable; default: three)"
+    )
+    exp.add_argument(
+        "--new-tokens", type=_argparse_type(_positive), default=20, help="greedy tokens compared"
+    )
+    exp.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime check")
+    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_output_flags(exp)
+
+
+def _add_info(sub: Any) -> None:
     info = sub.add_parser(
         "info",
         formatter_class=Formatter,
@@ -188,7 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("dir", metavar="DIR")
     add_output_flags(info)
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> FamilyConfig:

@@ -1,0 +1,1 @@
+"""Deployment of members: export to runtimes outside PyTorch (``plrd.deploy.onnx_export``)."""

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from plrd.family import options
-from plrd.family.config import FamilyConfig, parse_count, parse_number
+from plrd.family.config import FamilyConfig
+from plrd.family.options import parse_count, parse_number
 
 
 class UsageError(Exception):

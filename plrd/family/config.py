@@ -22,24 +22,6 @@ ALL = ("family", "decompose", "eval")
 BUILDS = ("family", "decompose")
 
 
-def parse_count(text: str) -> int:
-    """``"32_768"`` or ``"32768"`` → 32768."""
-    try:
-        return int(text.replace("_", ""))
-    except ValueError:
-        raise ValueError(f"{text!r} is not an integer") from None
-
-
-def parse_number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{text!r} is not a finite number")
-    return value
-
-
 def parse_sizes(text: str) -> tuple[float, ...]:
     """``"0.9,0.8,0.7"`` → (0.9, 0.8, 0.7) (checked by ``SIZE_CHECKS`` afterwards)."""
     try:
@@ -91,7 +73,6 @@ class TrainConfig:
         "training tokens after each decomposition",
         check=AtLeast(0),
         recipe=True,
-        parse=parse_count,
     )
     objective: str = option(
         "lm",
@@ -99,38 +80,30 @@ class TrainConfig:
         choices=OBJECTIVES,
         recipe=True,
     )
-    batch_size: int = option(
-        4, "blocks per micro-batch", check=AtLeast(1), recipe=True, parse=parse_count
-    )
-    grad_accum: int = option(
-        1, "micro-batches per optimizer step", check=AtLeast(1), recipe=True, parse=parse_count
-    )
+    batch_size: int = option(4, "blocks per micro-batch", check=AtLeast(1), recipe=True)
+    grad_accum: int = option(1, "micro-batches per optimizer step", check=AtLeast(1), recipe=True)
     lr: float = option(
         1e-4,
         "peak AdamW learning rate",
         check=Check(lambda v: v > 0, "must be > 0"),
         recipe=True,
-        parse=parse_number,
     )
     warmup: float = option(
         0.25,
         "linear warmup, as a fraction of a stage's steps (then cosine decay)",
         check=Between(0, 1, low_open=False),
         recipe=True,
-        parse=parse_number,
     )
     checkpoint_every: int = option(
         10,
         "steps between resumable checkpoints (0: only at the end of a stage)",
         check=AtLeast(0),
-        parse=parse_count,
     )
     max_bad_steps: int = option(
         10,
         "steps in a row with a non-finite loss or gradient that are skipped before the "
         "stage stops (keeping its last good checkpoint)",
         check=AtLeast(0),
-        parse=parse_count,
     )
     parallel: str = option(
         "ddp",
@@ -194,7 +167,6 @@ class FamilyConfig:
         check=AtLeast(1),
         commands=BUILDS,
         recipe=True,
-        parse=parse_count,
     )
     eval_data: tuple[str, ...] = option(
         (),
@@ -235,7 +207,6 @@ class FamilyConfig:
         check=AtLeast(1),
         commands=BUILDS,
         recipe=True,
-        parse=parse_count,
     )
     seq_len: int = option(
         256,
@@ -243,7 +214,6 @@ class FamilyConfig:
         check=AtLeast(2),
         commands=ALL,
         recipe=True,
-        parse=parse_count,
     )
     held_out_fraction: float = option(
         0.1,
@@ -251,7 +221,6 @@ class FamilyConfig:
         check=Between(0, 1),
         commands=ALL,
         recipe=True,
-        parse=parse_number,
     )
     eval_tokens: int = option(
         4096,
@@ -259,19 +228,15 @@ class FamilyConfig:
         check=AtLeast(1),
         commands=ALL,
         recipe=True,
-        parse=parse_count,
     )
     eval_batch_size: int = option(
         8,
         "blocks per forward pass in evaluation",
         check=AtLeast(1),
         commands=ALL,
-        parse=parse_count,
     )
     device: str = option("auto", "auto (cuda if available), cpu, cuda", commands=ALL)
-    seed: int = option(
-        0, "random seed", check=SEED_RANGE, commands=BUILDS, recipe=True, parse=parse_count
-    )
+    seed: int = option(0, "random seed", check=SEED_RANGE, commands=BUILDS, recipe=True)
     train: TrainConfig = field(default_factory=TrainConfig)
     progress: bool = True
 

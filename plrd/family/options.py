@@ -12,6 +12,7 @@ options share one flat namespace (each name is unique), so the flag of ``train.l
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,35 @@ class Option:
     show_default: str | None = None
 
 
+def parse_count(text: str) -> int:
+    """``"32_768"`` or ``"32768"`` → 32768."""
+    try:
+        return int(text.replace("_", ""))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer") from None
+
+
+def parse_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
+
+
+def _parser_for(default: Any) -> Callable[[str], Any] | None:
+    """How the command line reads an option whose default is ``default`` (None: as text)."""
+    if isinstance(default, bool):
+        return None  # a switch
+    if isinstance(default, int):
+        return parse_count
+    if isinstance(default, float):
+        return parse_number
+    return None
+
+
 def option(
     default: Any,
     help: str,
@@ -90,7 +120,7 @@ def option(
         checks=checks,
         commands=tuple(commands),
         recipe=recipe,
-        parse=parse,
+        parse=parse if parse is not None else _parser_for(default),
         metavar=metavar,
         many=many,
         show_default=show_default,

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from plrd.deploy.errors import ExportError, require_onnx_extra
+from plrd.errors import InputError
 
 MODEL_FILE = "model.onnx"
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -121,7 +122,7 @@ class OnnxCausalLM:
         batch, seq = ids.shape
         past = self.empty_past(batch) if past is None else past
         if len(past) != len(self.past_names):
-            raise ValueError(f"past has {len(past)} arrays, the graph takes {len(self.past_names)}")
+            raise InputError(f"past has {len(past)} arrays, the graph takes {len(self.past_names)}")
         total = seq + past[0].shape[2]
         mask = (
             np.ones((batch, total), dtype=np.int64)
@@ -129,7 +130,7 @@ class OnnxCausalLM:
             else np.asarray(attention_mask, dtype=np.int64)
         )
         if mask.shape != (batch, total):
-            raise ValueError(f"attention_mask is {mask.shape}, expected {(batch, total)}")
+            raise InputError(f"attention_mask is {mask.shape}, expected {(batch, total)}")
         feeds = {"input_ids": ids, "attention_mask": mask}
         if "position_ids" in self.input_names:
             feeds["position_ids"] = (

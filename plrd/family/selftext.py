@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from plrd.errors import InputError
 from plrd.io.atomic import atomic_path
 
 GREEDY_TOKENS = 3
@@ -105,7 +106,7 @@ class SelfText:
         chunk_rows: int = CHUNK_ROWS,
     ) -> None:
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            raise InputError(f"split must be one of {SPLITS}, got {split!r}")
         self.directory = Path(cache) / "selftext" / f"{digest[:16]}-seed{seed}-len{length}-{split}"
         self.seed = seed + (0 if split == "train" else 7_919_000_003)
         self.length, self.chunk_rows = length, chunk_rows

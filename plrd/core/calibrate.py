@@ -208,19 +208,19 @@ class _Collector:
         return out
 
 
-def _model_device(model: nn.Module) -> torch.device | None:
+def model_device(model: nn.Module) -> torch.device | None:
     for p in model.parameters():
         return p.device
     return None
 
 
-def _to_device(batch: Any, device: torch.device | None) -> Any:
+def to_device(batch: Any, device: torch.device | None) -> Any:
     if device is None:
         return batch
     if isinstance(batch, Tensor):
         return batch.to(device)
     if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     return batch
 
 
@@ -236,10 +236,11 @@ def _check_batch(index: int, batch: Any) -> None:
         )
 
 
-def _check_arguments(model: Any, batches: Any) -> None:
+def check_batches_argument(model: Any, batches: Any, call: str = "collect_grams") -> None:
+    """``model`` is a module and ``batches`` an iterable of batches (not one batch)."""
     if not isinstance(model, nn.Module):
         raise InputError(
-            f"collect_grams needs a torch.nn.Module as model, got {type(model).__name__}; pass "
+            f"{call} needs a torch.nn.Module as model, got {type(model).__name__}; pass "
             "the model object itself"
         )
     if isinstance(batches, (Tensor, Mapping)):
@@ -299,7 +300,7 @@ def _run_batches(
 
     Hooks are removed and every module's training flag restored even when a forward raises.
     """
-    device = _model_device(model)
+    device = model_device(model)
     modes = {m: m.training for m in model.modules()}
     handles: list[RemovableHandle] = []
     count = 0
@@ -312,7 +313,7 @@ def _run_batches(
             for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
                 _check_batch(count, batch)
                 collector.start_forward()
-                batch = _to_device(batch, device)
+                batch = to_device(batch, device)
                 if isinstance(batch, Mapping):
                     model(**batch)
                 else:
@@ -345,7 +346,7 @@ def collect_grams(
     when ``batches`` is a single tensor (wrap it in a list), is empty, holds an empty batch,
     never reaches a targeted layer, or drives a layer with non-finite inputs.
     """
-    _check_arguments(model, batches)
+    check_batches_argument(model, batches)
     layers = find_targets(model, targets, exclude)
     collector = _Collector(layers)
     count = _run_batches(model, layers, batches, collector, progress)

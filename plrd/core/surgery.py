@@ -37,6 +37,7 @@ from plrd.core.factorize import (
     lowrank_spectral_factors,
     spectral_factors,
 )
+from plrd.core.fisher import fisher_spectrum
 from plrd.core.kinds import dense_weight, is_lowrank, layer_shape, set_submodule
 from plrd.core.layer import LowRankLinear
 from plrd.core.ranks import global_ranks, uniform_ranks
@@ -45,7 +46,7 @@ from plrd.core.targets import Patterns, find_targets
 from plrd.errors import InputError
 
 METHODS = ("whiten", "svd")
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "fisher")
 
 __all__ = ["decompose", "DecompositionReport", "LayerChange"]
 
@@ -129,6 +130,28 @@ def _check_layers(
                 checked.add((id(gram), n_in))
 
 
+def _check_output_grams(
+    layers: Mapping[str, nn.Module], output_grams: Mapping | None, allocation: str
+) -> None:
+    if allocation != "fisher":
+        return
+    if output_grams is None:
+        raise InputError(
+            "allocation='fisher' needs output_grams: pass "
+            "output_grams=plrd.collect_output_grams(model, batches)"
+        )
+    for name, module in layers.items():
+        gram = output_grams.get(name)
+        out = layer_shape(module)[1]
+        if not isinstance(gram, Tensor) or tuple(gram.shape) != (out, out):
+            shape = tuple(gram.shape) if isinstance(gram, Tensor) else gram
+            raise InputError(
+                f"layer {name!r}: output_grams needs a [{out}, {out}] Gram, got {shape}; "
+                "collect them on this model with plrd.collect_output_grams"
+            )
+        check_finite(gram, "output Gram", name)
+
+
 def _check_reachable(keep: float, budget: Budget) -> int:
     """``round(keep·N)``, the target parameter count; InputError when it is below reach."""
     target = round(keep * budget.total)
@@ -195,13 +218,15 @@ def _allocate(
     target: int,
     allocation: str,
     whitenings: _Whitenings,
+    output_grams: Mapping[str, Tensor] | None,
     progress: bool,
 ) -> _Plan:
     """Ranks bringing the model to ``target`` parameters (targeted weights to target − fixed).
 
-    ``uniform`` needs shapes only. ``global`` needs every layer's (whitened) spectrum: one SVD
-    per layer gives it together with the top factors up to the largest useful rank (threshold
-    − 1), which are kept for the layers that change, so no layer is factored twice.
+    ``uniform`` needs shapes only. ``global`` needs every layer's (whitened) spectrum, and
+    ``fisher`` that spectrum in loss units (``plrd.core.fisher.fisher_spectrum``): one SVD per
+    layer gives it together with the top factors up to the largest useful rank (threshold − 1),
+    which are kept for the layers that change, so no layer is factored twice.
     """
     weights = target - budget.fixed
     if allocation == "uniform":
@@ -211,10 +236,14 @@ def _allocate(
         module = layers[spec.name]
         white = whitenings.get(spec.name, module)
         useful = max(spec.threshold - 1, 0)  # a rank at or above the threshold changes nothing
-        spectra[spec.name], up, down = _factors(module, useful, white, spec.name)
+        keep = spec.max_rank if allocation == "fisher" else useful  # fisher scores them all
+        sigma, up, down = _factors(module, keep, white, spec.name)
+        if allocation == "fisher":
+            sigma = fisher_spectrum(sigma, up, output_grams[spec.name])
+        spectra[spec.name] = sigma
         ridges[spec.name] = 0.0 if white is None else white.ridge
         like = _weight(module)
-        cached[spec.name] = (up.to(like.dtype), down.to(like.dtype))
+        cached[spec.name] = (up[:, :useful].to(like.dtype), down[:useful].to(like.dtype))
     ranks = global_ranks(budget.specs, spectra, weights)
     cached = {n: f for n, f in cached.items() if ranks[n] is not None}
     return _Plan(ranks, cached, ridges)
@@ -301,6 +330,7 @@ def decompose(
     allocation: str = "uniform",
     method: str = "whiten",
     progress: bool = True,
+    output_grams: Mapping[str, Tensor] | None = None,
 ) -> DecompositionReport:
     """Shrink ``model`` in place to ≈ ``keep`` × its current parameter count.
 
@@ -311,11 +341,15 @@ def decompose(
         targets, exclude: layer-name patterns (see ``plrd.core.targets``); default: every linear
             layer except output heads and layers tied to embeddings.
         grams: ``plrd.collect_grams(model, ...)`` output; required by ``method="whiten"``.
-        allocation: ``"uniform"`` (same kept fraction per layer) or ``"global"`` (drop the
-            components with least output error per parameter across layers).
+        allocation: ``"uniform"`` (same kept fraction per layer), ``"global"`` (drop the
+            components with least whitened output error per parameter across layers), or
+            ``"fisher"`` (drop the components that raise the loss least per parameter: the
+            output error weighted by ``output_grams``; needs them).
         method: ``"whiten"`` (SVD of W·L, G = L Lᵀ: minimises output error on the calibration
             inputs) or ``"svd"`` (plain SVD; ``grams`` ignored).
         progress: show a progress bar over the layers being factored.
+        output_grams: ``plrd.collect_output_grams(model, ...)`` output (Σ g gᵀ of the
+            gradients at each layer's output); required by ``allocation="fisher"``.
 
     Returns a :class:`DecompositionReport` (``print(report)`` shows a table). Raises
     ``InputError`` (a ``ValueError``) for a ``keep`` outside (0, 1] or below
@@ -326,12 +360,13 @@ def decompose(
     keep = _check_arguments(model, keep, grams, method, allocation)
     layers = find_targets(model, targets, exclude)
     _check_layers(layers, grams, method)
+    _check_output_grams(layers, output_grams, allocation)
     budget = Budget.of(model, layers)
     target = _check_reachable(keep, budget)
 
     layer_grams = {n: grams[n] for n in layers} if method == "whiten" else dict.fromkeys(layers)
     whitenings = _Whitenings(layer_grams)
-    plan = _allocate(layers, budget, target, allocation, whitenings, progress)
+    plan = _allocate(layers, budget, target, allocation, whitenings, output_grams, progress)
     new_modules = _replacements(layers, plan, whitenings, progress)
     rows = _changes(layers, budget, new_modules, plan.ridges)
     for name, new in new_modules.items():

@@ -195,8 +195,10 @@ class FamilyConfig:
     )
     allocation: str = option(
         "uniform",
-        "uniform: same kept fraction for every layer; global: drop the components "
-        "with the least whitened error per parameter model-wide",
+        "uniform: same kept fraction for every layer; global: drop the components with the "
+        "least whitened error per parameter model-wide; fisher: drop those that raise the loss "
+        "least per parameter (the whitened error weighted by output-gradient Grams, one backward "
+        "pass over the calibration blocks)",
         choices=ALLOCATIONS,
         commands=BUILDS,
         recipe=True,

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from plrd.core.calibrate import collect_grams
 from plrd.core.counting import count_parameters, format_params
+from plrd.core.fisher import collect_output_grams
 from plrd.core.surgery import DecompositionReport, decompose
 from plrd.errors import DamagedFileError
 from plrd.family import distributed
@@ -101,21 +102,32 @@ def calibrate_and_decompose(
     batch_size: int = 8,
     progress: bool = True,
 ) -> DecompositionReport:
-    """Grams on ``calib`` blocks [N, T] (whiten only), then ``plrd.decompose`` in place.
+    """Grams on ``calib`` blocks [N, T] (input Grams to whiten; output-gradient Grams for
+    ``fisher``), then ``plrd.decompose`` in place.
 
     Data parallel: each rank collects Grams on its shard of ``calib`` and they are summed over
     the ranks (all ranks use all blocks when there are fewer blocks than ranks), so every rank
     decomposes identically; the resulting ranks are checked to agree.
     """
-    grams = None
+    split = distributed.world_size() > 1 and len(calib) >= distributed.world_size()
+    batches = (distributed.shard(calib) if split else calib).split(batch_size)
+    grams = output_grams = None
     if method == "whiten":
-        split = distributed.world_size() > 1 and len(calib) >= distributed.world_size()
-        mine = distributed.shard(calib) if split else calib
-        grams = collect_grams(model, mine.split(batch_size), progress=progress)
-        if split:
-            distributed.all_reduce_grams(grams)
+        grams = collect_grams(model, batches, progress=progress)
+    if allocation == "fisher":
+        output_grams = collect_output_grams(model, batches, progress=progress)
+    if split:
+        for collected in (grams, output_grams):
+            if collected is not None:
+                distributed.all_reduce_grams(collected)
     report = decompose(
-        model, keep, grams=grams, allocation=allocation, method=method, progress=progress
+        model,
+        keep,
+        grams=grams,
+        allocation=allocation,
+        method=method,
+        progress=progress,
+        output_grams=output_grams,
     )
     ranks = [(row.name, row.rank_after) for row in report.layers]
     distributed.same_on_all_ranks(ranks, "the decomposition's ranks")

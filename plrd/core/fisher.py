@@ -1,0 +1,120 @@
+"""Output-gradient Grams H = Σ g gᵀ of the targeted layers: what a change of each layer's output
+costs the model's predictions.
+
+For a layer y = W x (+ b) and g = ∂ℓ/∂y, with ℓ = −log p(ŷ) for a label ŷ SAMPLED from the
+model's own next-token distribution, E[g gᵀ] is the Fisher information of the layer's output.
+Under the K-FAC approximation, replacing W by W' raises KL(model ‖ changed model) by about
+½‖Rᵀ(W − W')L‖²_F / N over N tokens (H = R Rᵀ, G = L Lᵀ the input Gram): unlike the whitened
+output error ‖(W − W')L‖² alone, this is in one unit for every layer, so it can choose where to
+cut across the whole model (``plrd.decompose(..., allocation="fisher")``).
+
+Costs one forward and one backward pass per batch (about three forwards), and one
+[out, out] float64 Gram per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from plrd.core.calibrate import Grams, check_batches_argument, model_device, to_device
+from plrd.core.kinds import layer_shape
+from plrd.core.targets import Patterns, find_targets
+from plrd.errors import InputError
+
+
+def sampled_nll(logits: Tensor, generator: torch.Generator) -> Tensor:
+    """Σ over positions of −log p(ŷ) with ŷ drawn from softmax(logits) [..., V] (no gradient
+    through the draw)."""
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    with torch.no_grad():
+        probs = torch.softmax(flat, dim=-1)
+        labels = torch.multinomial(probs.cpu(), 1, generator=generator).view(-1)
+    return F.cross_entropy(flat, labels.to(flat.device), reduction="sum")
+
+
+def _logits(output: Any) -> Tensor:
+    logits = getattr(output, "logits", output)
+    if not isinstance(logits, Tensor):
+        raise InputError(
+            f"the model returned {type(output).__name__}, not logits; collect_output_grams "
+            "needs a model whose output is the logits or has a .logits attribute"
+        )
+    return logits
+
+
+def collect_output_grams(
+    model: nn.Module,
+    batches: Iterable[Tensor | Mapping[str, Any]],
+    targets: Patterns = None,
+    exclude: Patterns = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Grams:
+    """``{layer name: Σ g gᵀ}`` (float64 [out, out]) of the targeted layers over ``batches``,
+    with g the gradient of the sampled-label loss at the layer's output (see the module
+    docstring). ``batches`` as for ``plrd.collect_grams``; ``seed`` fixes the sampled labels.
+    Eval mode; parameters' ``requires_grad`` and ``.grad`` and each module's mode are restored.
+    """
+    check_batches_argument(model, batches, "collect_output_grams")
+    layers = find_targets(model, targets, exclude)
+    grams, tokens = Grams(), {}
+
+    def hook(name: str, width: int):
+        def record(module: nn.Module, grad_input: Any, grad_output: tuple[Tensor, ...]) -> None:
+            g = grad_output[0].detach().reshape(-1, width).double()
+            grams[name] = grams[name] + g.T @ g if name in grams else g.T @ g
+            tokens[name] = tokens.get(name, 0) + g.shape[0]
+
+        return record
+
+    params = list(model.parameters())
+    flags = [(p, p.requires_grad, p.grad) for p in params]
+    modes = {m: m.training for m in model.modules()}
+    handles = [m.register_full_backward_hook(hook(n, layer_shape(m)[1])) for n, m in layers.items()]
+    generator = torch.Generator().manual_seed(seed)
+    device = model_device(model)
+    count = 0
+    try:
+        model.eval()
+        for p in params:
+            p.requires_grad_(p.is_floating_point())
+            p.grad = None
+        for batch in tqdm(batches, desc="sensitivity", unit="batch", disable=not progress):
+            batch = to_device(batch, device)
+            output = model(**batch) if isinstance(batch, Mapping) else model(batch)
+            sampled_nll(_logits(output), generator).backward()
+            for p in params:
+                p.grad = None
+            count += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag, grad in flags:
+            p.requires_grad_(flag)
+            p.grad = grad
+        for m, mode in modes.items():
+            m.train(mode)
+    if count == 0:
+        raise InputError("collect_output_grams got no batches; pass a non-empty iterable")
+    grams.tokens = tokens
+    return grams
+
+
+def fisher_spectrum(sigma: Tensor, up: Tensor, output_gram: Tensor) -> Tensor:
+    """The singular values of a (whitened) layer restated in loss units, for a global choice.
+
+    With W·L = U Σ Vᵀ and the balanced factor ``up`` = U √Σ [out, k] (k ≤ len(σ)), dropping
+    component j changes the output by σ_j u_j (v_jᵀ L⁻¹ x), which raises the loss by about
+    σ_j² · u_jᵀ H u_j (``output_gram`` H [out, out]). Returns √(σ_j² · u_jᵀ H u_j) for
+    j < k, float64 [k]: a spectrum ``plrd.core.ranks.global_ranks`` can compare across layers.
+    """
+    up64 = up.double()
+    gram = output_gram.to(up64.device, torch.float64)
+    quadratic = ((gram @ up64) * up64).sum(dim=0).clamp_min(0.0)  # σ_j · u_jᵀ H u_j
+    return (sigma[: up64.shape[1]].double().clamp_min(0.0) * quadratic).sqrt()

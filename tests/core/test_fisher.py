@@ -1,0 +1,87 @@
+"""Loss-aware allocation: output-gradient Grams, the Fisher-weighted spectrum, and a global
+choice that cuts where the loss cares least."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import plrd
+from plrd.core.fisher import fisher_spectrum
+from plrd.errors import InputError
+from tests.tiny_models import tiny_llama, token_batches
+
+
+def test_fisher_spectrum_is_sigma_squared_times_the_output_quadratic_form():
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(6, 4, generator=g, dtype=torch.float64))
+    sigma = torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    a = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    h = a @ a.T
+    got = fisher_spectrum(sigma, u * sigma.sqrt(), h)
+    want = torch.stack([(sigma[j] ** 2 * u[:, j] @ h @ u[:, j]).sqrt() for j in range(4)])
+    assert torch.allclose(got, want)
+
+
+def test_output_grams_are_symmetric_psd_and_leave_the_model_as_it_was():
+    model = tiny_llama()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    grams = plrd.collect_output_grams(model, token_batches(), progress=False)
+    q = grams["model.layers.0.self_attn.q_proj"]
+    assert q.shape == (64, 64) and q.dtype == torch.float64
+    assert torch.allclose(q, q.T) and torch.linalg.eigvalsh(q).min() > -1e-9 * q.norm()
+    assert grams.tokens["model.layers.0.mlp.down_proj"] == sum(b.numel() for b in token_batches())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+class _TwoBranches(nn.Module):
+    """Two equal layers read the same input; the second one's output is scaled down 100× before
+    the logits, so cutting it costs the loss almost nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 24)
+        self.loud = nn.Linear(24, 24, bias=False)
+        self.quiet = nn.Linear(24, 24, bias=False)
+        with torch.no_grad():
+            self.quiet.weight.copy_(self.loud.weight)
+        self.head = nn.Linear(24, 32, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        return self.head(self.loud(x) + 0.01 * self.quiet(x))
+
+
+def test_fisher_cuts_the_layer_the_loss_cares_less_about():
+    batches = [
+        torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)
+    ]
+    chosen = {}
+    for allocation in ("global", "fisher"):
+        model = _TwoBranches()
+        grams = plrd.collect_grams(model, batches, targets=["loud", "quiet"], progress=False)
+        out = plrd.collect_output_grams(model, batches, targets=["loud", "quiet"], progress=False)
+        plrd.decompose(
+            model,
+            0.8,
+            targets=["loud", "quiet"],
+            grams=grams,
+            output_grams=out,
+            allocation=allocation,
+            progress=False,
+        )
+        chosen[allocation] = {n: getattr(getattr(model, n), "rank", 24) for n in ("loud", "quiet")}
+    # the whitened errors of the two equal layers are equal: global splits the cut evenly;
+    # fisher takes it from the quiet one
+    assert chosen["fisher"]["quiet"] < chosen["fisher"]["loud"]
+    assert chosen["fisher"]["loud"] > chosen["global"]["loud"]
+
+
+def test_fisher_needs_output_grams():
+    model = tiny_llama()
+    grams = plrd.collect_grams(model, token_batches(), progress=False)
+    with pytest.raises(InputError, match="collect_output_grams"):
+        plrd.decompose(model, 0.7, grams=grams, allocation="fisher", progress=False)

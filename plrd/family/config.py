@@ -75,7 +75,7 @@ class TrainConfig:
         recipe=True,
     )
     objective: str = option(
-        "lm",
+        "kd",
         "lm: next-token loss; kd: KL to the parent's logits; lm+kd: the mean",
         choices=OBJECTIVES,
         recipe=True,
@@ -194,7 +194,7 @@ class FamilyConfig:
         recipe=True,
     )
     allocation: str = option(
-        "uniform",
+        "fisher",
         "uniform: same kept fraction for every layer; global: drop the components with the "
         "least whitened error per parameter model-wide; fisher: drop those that raise the loss "
         "least per parameter (the whitened error weighted by output-gradient Grams, one backward "

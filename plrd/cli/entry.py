@@ -14,6 +14,7 @@ The one map from error to exit code:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -63,6 +64,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     _dir_after_data(parser, args)
     args.progress = not args.no_progress and sys.stderr.isatty()
+    if not args.progress:  # libraries' own bars (transformers' GGUF loading, lm-eval) too
+        os.environ["TQDM_DISABLE"] = "1"
     return args
 
 

@@ -83,9 +83,19 @@ def _self_rows(
 
 
 def _self_blocks(cfg: FamilyConfig, parent, tokenizer, split: str, tokens: int) -> Tensor:
-    rows = _self_rows(cfg, parent, tokenizer, split, -(-tokens // cfg.seq_len))
+    """At least ``tokens`` tokens of parent-written text packed into blocks: samples end at
+    the parent's end-of-text, so more rows than ``tokens / seq_len`` may be needed (the cache
+    keeps the ones made, so asking again only adds the missing ones)."""
     sep = separator_id(tokenizer)
-    return pack(row_documents(rows, sep), cfg.seq_len, sep)
+    needed = -(-tokens // cfg.seq_len)
+    rows = needed
+    while True:
+        blocks = pack(
+            row_documents(_self_rows(cfg, parent, tokenizer, split, rows), sep), cfg.seq_len, sep
+        )
+        if len(blocks) >= needed:
+            return blocks
+        rows += needed - len(blocks) + 1
 
 
 def general_blocks(

@@ -7,6 +7,7 @@ sequence and past axes. The interface is documented in :mod:`plrd.deploy.onnx_ru
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -141,17 +142,19 @@ def trace_onnx(model: nn.Module, opset: int | None) -> tuple[Any, int]:
     layers, heads, head_dim = kv_layout(model)
     inputs, outputs = io_names(layers)
     try:
-        program = torch.onnx.export(
-            FlatCacheLM(model, layers).eval(),
-            _sample_inputs(model, layers, heads, head_dim),
-            dynamo=True,
-            dynamic_shapes=_dynamic_shapes(layers),
-            input_names=inputs,
-            output_names=outputs,
-            opset_version=opset,
-            optimize=True,
-            verbose=False,
-        )
+        with warnings.catch_warnings():  # axis renaming notes; the axes are named below
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+            program = torch.onnx.export(
+                FlatCacheLM(model, layers).eval(),
+                _sample_inputs(model, layers, heads, head_dim),
+                dynamo=True,
+                dynamic_shapes=_dynamic_shapes(layers),
+                input_names=inputs,
+                output_names=outputs,
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+            )
     except Exception as error:  # the exporter raises many types; keep the cause chained
         first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         name = type(model).__name__

@@ -1,0 +1,242 @@
+"""Decode speed, PyTorch eager vs ONNX Runtime, for SmolLM2-135M and its members (CPU, batch 1).
+
+    python benchmarks/onnx_decode.py                       # parent + the 0.80 member
+    python benchmarks/onnx_decode.py --keeps 0.8 0.6 --threads 2 --repeats 7
+
+For the parent (the default SmolLM2-135M, converted once into the plrd cache) and a member per
+``--keeps`` (made with ``plrd decompose --size KEEP`` unless ``--work`` already holds it), the
+script exports each model with ``plrd.deploy.onnx_export.export_onnx`` (validated against
+PyTorch), then times greedy decoding of ``--new-tokens`` tokens after a short prompt:
+
+* ``torch``: a greedy loop over the Hugging Face model (eager, ``torch.inference_mode``,
+  ``DynamicCache``): one prefill pass, then one pass per new token;
+* ``ort``: the same loop in ONNX Runtime (``OnnxCausalLM.generate``, KV cache fed back).
+
+tokens/s = new tokens / wall time of the whole loop (the short prefill included). Threads are
+fixed (``torch.set_num_threads`` and ORT ``intra_op_num_threads``); each model/backend is
+warmed up once, then timed ``--repeats`` times, models and backends alternating in a rotating
+order so that load from other processes spreads over all of them; the median is reported. The
+JSON (and a Markdown table beside it) goes to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPT = "The best way to learn a new programming language is"
+
+
+def parent_dir() -> Path:
+    """The cached fp32 SmolLM2-135M directory (converted from the packaged GGUF on first use)."""
+    from plrd.models import smollm2_dir  # not a top-level plrd name; the one internal import
+
+    return smollm2_dir()
+
+
+def make_member(parent: Path, keep: float, out: Path) -> Path:
+    """``plrd decompose --size keep`` of ``parent`` into ``out`` (skipped if it exists)."""
+    if (out / "plrd.json").is_file():
+        return out
+    cmd = [sys.executable, "-m", "plrd", "decompose", "--size", str(keep), "--out", str(out)]
+    subprocess.run([*cmd, "--model", str(parent), "--no-eval"], check=True)
+    return out
+
+
+def export(source: Path, out: Path, threads: int) -> dict:
+    """Export ``source`` to ``out`` unless a validated export is there; its plrd-export.json."""
+    from plrd.deploy.onnx_export import export_onnx
+
+    meta = out / "plrd-export.json"
+    if not (meta.is_file() and json.loads(meta.read_text())["validation"]["passed"]):
+        print(export_onnx(source, out, threads=threads, overwrite=True), flush=True)
+    return json.loads(meta.read_text())
+
+
+def load_torch(source: Path) -> torch.nn.Module:
+    import plrd
+
+    if (source / "plrd.json").is_file():
+        return plrd.load_pretrained(source)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+
+
+def torch_greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> list[int]:
+    """Greedy loop with the model's own cache: prefill, then one pass per token."""
+    from plrd.deploy.onnx_trace import cache_kwarg, output_cache
+
+    key = cache_kwarg(model)
+    tokens, cache, step = [], None, ids
+    with torch.inference_mode():
+        for _ in range(new_tokens):
+            out = model(input_ids=step, use_cache=True, **({} if cache is None else {key: cache}))
+            cache = output_cache(out)
+            step = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(step))
+    return tokens
+
+
+def timed(fn) -> tuple[float, list[int]]:
+    start = time.perf_counter()
+    tokens = fn()
+    return time.perf_counter() - start, tokens
+
+
+def measure(models: dict, ids: torch.Tensor, args: argparse.Namespace) -> dict:
+    """{name: {backend: [seconds per repeat]}}, plus the tokens of the last run."""
+    runs = {
+        (name, backend): (
+            (lambda m=m: torch_greedy(m["torch"], ids, args.new_tokens))
+            if backend == "torch"
+            else (lambda m=m: m["ort"].generate(ids.numpy(), args.new_tokens)[0, ids.shape[1] :])
+        )
+        for name, m in models.items()
+        for backend in ("torch", "ort")
+    }
+    order = list(runs)
+    for key in order:  # warm-up
+        timed(runs[key])
+    seconds = {key: [] for key in order}
+    tokens = {}
+    for repeat in range(args.repeats):
+        shift = repeat % len(order)
+        for key in order[shift:] + order[:shift]:
+            elapsed, out = timed(runs[key])
+            seconds[key].append(elapsed)
+            tokens[key] = [int(t) for t in out]
+        print(
+            f"repeat {repeat + 1}/{args.repeats} done (load {os.getloadavg()[0]:.1f})", flush=True
+        )
+    return {"seconds": seconds, "tokens": tokens}
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: tokens/s median (best) per backend, ratio of medians to the parent's."""
+    head = (
+        "| model | params | param ratio | PyTorch tok/s | ratio | ORT tok/s | ratio | ORT/PyTorch |"
+    )
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['parameters'] / 1e6:.1f}M | {r['param_ratio']:.3f} "
+            f"| {r['torch_tok_s']:.1f} ({r['torch_tok_s_best']:.1f}) | {r['torch_ratio']:.2f} "
+            f"| {r['ort_tok_s']:.1f} ({r['ort_tok_s_best']:.1f}) | {r['ort_ratio']:.2f} "
+            f"| {r['ort_over_torch']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def describe(payload: dict) -> str:
+    """The Markdown page: how it was measured, on what, under which load, then the table."""
+    info = payload["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    load = [f"{x:.1f}" for x in info["loadavg_at_start"] + info["loadavg_at_end"]]
+    return (
+        f"{info['cpu_model']}, {info['cpu_cores']} cores, {info['threads']} thread(s) "
+        f"(torch and ORT intra-op), {info['date_utc']}. {versions}.\n\n"
+        f"Greedy decode, batch 1, {payload['prompt_tokens']}-token prompt + "
+        f"{payload['new_tokens']} new tokens (prefill included), warm-up then "
+        f"{payload['repeats']} repeats, models and backends alternating. tok/s: median "
+        "(best) over repeats; ratio: median vs the parent's on the same backend.\n\n"
+        f"Load average (1/5/15 min) at start {', '.join(load[:3])}, at end "
+        f"{', '.join(load[3:])}: other workers share the cores, so absolute figures are "
+        "noisy; the ratios of alternated runs are steadier.\n\n" + table(payload["rows"])
+    )
+
+
+def summarize(models: dict, result: dict, args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for name, m in models.items():
+        med = {b: statistics.median(result["seconds"][(name, b)]) for b in ("torch", "ort")}
+        rows.append(
+            {
+                "name": name,
+                "parameters": m["meta"]["parameters"],
+                "onnx_bytes": m["meta"]["files"]["model.onnx"],
+                "export_max_abs_logit_diff": m["meta"]["validation"]["max_abs_logit_diff"],
+                "seconds": {b: result["seconds"][(name, b)] for b in ("torch", "ort")},
+                "torch_tok_s": args.new_tokens / med["torch"],
+                "ort_tok_s": args.new_tokens / med["ort"],
+                "torch_tok_s_best": args.new_tokens / min(result["seconds"][(name, "torch")]),
+                "ort_tok_s_best": args.new_tokens / min(result["seconds"][(name, "ort")]),
+                "same_tokens_torch_ort": result["tokens"][(name, "torch")]
+                == result["tokens"][(name, "ort")],
+            }
+        )
+    parent = rows[0]
+    for r in rows:
+        r["param_ratio"] = r["parameters"] / parent["parameters"]
+        r["torch_ratio"] = r["torch_tok_s"] / parent["torch_tok_s"]
+        r["ort_ratio"] = r["ort_tok_s"] / parent["ort_tok_s"]
+        r["ort_over_torch"] = r["ort_tok_s"] / r["torch_tok_s"]
+    return rows
+
+
+def machine(args: argparse.Namespace) -> dict:
+    packages = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "plrd")
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    return {
+        "cpu_model": cpu or platform.processor(),
+        "cpu_cores": len(os.sched_getaffinity(0)),
+        "threads": args.threads,
+        "versions": {p: version(p) for p in packages},
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_at_start": list(os.getloadavg()),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keeps", type=float, nargs="+", default=[0.8])
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache/plrd/onnx-bench")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--name", default=None, help="result file stem (default: date+threads)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    from plrd.deploy.onnx_runtime import OnnxCausalLM
+
+    info = machine(args)
+    parent = parent_dir()
+    sources = {"parent": parent}
+    for keep in args.keeps:
+        sources[f"member-{keep:.2f}"] = make_member(parent, keep, args.work / f"member-{keep:.2f}")
+    models = {}
+    for name, source in sources.items():
+        meta = export(source, args.work / f"onnx-{name}", args.threads)
+        runner = OnnxCausalLM(args.work / f"onnx-{name}", threads=args.threads)
+        models[name] = {"torch": load_torch(source), "ort": runner, "meta": meta}
+    ids = AutoTokenizer.from_pretrained(parent)(PROMPT, return_tensors="pt").input_ids
+    result = measure(models, ids, args)
+    rows = summarize(models, result, args)
+    info["loadavg_at_end"] = list(os.getloadavg())
+    stem = args.name or f"onnx-decode-{info['date_utc'][:10]}-{args.threads}threads"
+    RESULTS.mkdir(exist_ok=True)
+    payload = {"machine": info, "prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens}
+    payload |= {"repeats": args.repeats, "rows": rows}
+    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    text = describe(payload)
+    (RESULTS / f"{stem}.md").write_text(f"# ONNX Runtime vs PyTorch decode: {stem}\n\n{text}")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

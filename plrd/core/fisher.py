@@ -14,6 +14,7 @@ Costs one forward and one backward pass per batch (about three forwards), and on
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -28,14 +29,39 @@ from plrd.core.targets import Patterns, find_targets
 from plrd.errors import InputError
 
 
-def sampled_nll(logits: Tensor, generator: torch.Generator) -> Tensor:
-    """Σ over positions of −log p(ŷ) with ŷ drawn from softmax(logits) [..., V] (no gradient
-    through the draw)."""
-    flat = logits.reshape(-1, logits.shape[-1]).float()
+def row_seeds(batch: Tensor | Mapping[str, Any], seed: int, index: int) -> list[int]:
+    """One label-sampling seed per row of ``batch``, from ``seed`` and the row's token ids, so a
+    block draws the same labels however the blocks are batched or sharded over ranks (rows
+    without token ids fall back to the batch ``index``)."""
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+    if not isinstance(ids, Tensor) or ids.dim() < 1:
+        return [hash((seed, index)) & (2**63 - 1)]
+    rows = ids.reshape(ids.shape[0], -1).long().cpu().numpy()
+    return [
+        int.from_bytes(
+            hashlib.blake2b(row.tobytes(), digest_size=8, key=str(seed).encode()).digest()
+        )
+        for row in rows
+    ]
+
+
+def sampled_nll(logits: Tensor, seeds: list[int]) -> Tensor:
+    """Σ over positions of −log p(ŷ) with ŷ drawn from softmax(logits) [B, ..., V] (no gradient
+    through the draw); row b's labels come from a generator seeded with ``seeds[b]`` (one seed
+    for all rows when only one is given)."""
+    rows = logits.reshape(len(seeds), -1, logits.shape[-1]).float()
     with torch.no_grad():
-        probs = torch.softmax(flat, dim=-1)
-        labels = torch.multinomial(probs.cpu(), 1, generator=generator).view(-1)
-    return F.cross_entropy(flat, labels.to(flat.device), reduction="sum")
+        labels = torch.stack(
+            [
+                torch.multinomial(
+                    torch.softmax(row, dim=-1).cpu(), 1, generator=torch.Generator().manual_seed(s)
+                ).view(-1)
+                for row, s in zip(rows, seeds, strict=True)
+            ]
+        )
+    return F.cross_entropy(
+        rows.reshape(-1, rows.shape[-1]), labels.view(-1).to(rows.device), reduction="sum"
+    )
 
 
 def _logits(output: Any) -> Tensor:
@@ -77,7 +103,6 @@ def collect_output_grams(
     flags = [(p, p.requires_grad, p.grad) for p in params]
     modes = {m: m.training for m in model.modules()}
     handles = [m.register_full_backward_hook(hook(n, layer_shape(m)[1])) for n, m in layers.items()]
-    generator = torch.Generator().manual_seed(seed)
     device = model_device(model)
     count = 0
     try:
@@ -88,7 +113,7 @@ def collect_output_grams(
         for batch in tqdm(batches, desc="sensitivity", unit="batch", disable=not progress):
             batch = to_device(batch, device)
             output = model(**batch) if isinstance(batch, Mapping) else model(batch)
-            sampled_nll(_logits(output), generator).backward()
+            sampled_nll(_logits(output), row_seeds(batch, seed, count)).backward()
             for p in params:
                 p.grad = None
             count += 1

@@ -36,6 +36,17 @@ def test_output_grams_are_symmetric_psd_and_leave_the_model_as_it_was():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_output_grams_do_not_depend_on_how_the_blocks_are_batched_or_split():
+    """Labels are drawn per block from its token ids, so ranks that each see a shard sum to the
+    Grams of one process that saw everything (the family's data-parallel decomposition)."""
+    model = tiny_llama()
+    blocks = torch.cat(list(token_batches()))
+    whole = plrd.collect_output_grams(model, [blocks], progress=False)
+    shards = [plrd.collect_output_grams(model, blocks[r::2].split(1), progress=False) for r in (0, 1)]
+    for name, gram in whole.items():
+        assert torch.allclose(shards[0][name] + shards[1][name], gram, rtol=1e-6, atol=1e-9), name
+
+
 class _TwoBranches(nn.Module):
     """Two equal layers read the same input; the second one's output is scaled down 100× before
     the logits, so cutting it costs the loss almost nothing."""

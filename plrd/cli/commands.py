@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -176,24 +177,25 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
         f"in blocks of {cfg.seq_len}, {torch.get_num_threads()} threads"
         + (f"; general text: {data.general_source}" if parent is not None else "")
     )
+    measure = partial(_measure, blocks=blocks, data=data, parent=parent, cfg=cfg, args=args)
+    parent_row = None
+    if parent is not None:
+        parent_row = measure("parent", parent, tokenizer, manager=manager, reference=None)
     rows = [
-        _eval_one(label, path, blocks, data, parent, cfg, device, args, manager)
+        measure(label, *load_model(path, device)[:2], manager=manager, reference=parent_row)
         for label, path in targets
     ]
     if manager is not None:
-        _record_tasks(root, record, rows, parent, tokenizer, cfg, args, manager)
-    return rows
+        _record_tasks(root, record, rows, parent_row)
+    return ([parent_row] if parent_row else []) + rows
 
 
-def _record_tasks(root, record, rows, parent, tokenizer, cfg, args, manager) -> None:
-    """Scores of the parent too, then everything written into family.json and shown."""
+def _record_tasks(root: Path, record: dict | None, rows: list[dict], parent_row) -> None:
+    """The task scores of the parent and members written into family.json, then the table."""
     if record is None:
         return
-    if parent is not None:
-        record["parent"]["tasks"] = score(
-            parent, tokenizer, args.tasks, manager, cfg.eval_batch_size, args.tasks_limit
-        )
-        print(f"parent: {_task_line(record['parent']['tasks'])}")
+    if parent_row is not None:
+        record["parent"]["tasks"] = parent_row["tasks"]
     by_path = {row["model"]: row for row in rows}
     for member in record["members"]:
         if member["path"] in by_path:
@@ -212,10 +214,21 @@ def _task_line(tasks: dict[str, dict[str, float]]) -> str:
     return ", ".join(shown)
 
 
-def _eval_one(
-    label, path, blocks, data: RunData, parent, cfg: FamilyConfig, device, args, manager
+def _measure(
+    label,
+    model,
+    tokenizer,
+    *,
+    blocks,
+    data: RunData,
+    parent,
+    cfg: FamilyConfig,
+    args,
+    manager,
+    reference: dict | None,
 ) -> dict:
-    model, tokenizer, _ = load_model(path, device)
+    """One printed line and row for ``model``: held-out ppl and tokens/s, general ppl and KL
+    to the parent (with the ratio to the parent's general ppl, ``reference``), task scores."""
     ev = evaluate(model, blocks, cfg.eval_batch_size)
     row = {
         "model": label,
@@ -229,7 +242,8 @@ def _eval_one(
     if parent is not None:
         g = evaluate_general(model, parent, data.general, cfg.eval_batch_size)
         row |= {"general_ppl": g.ppl, "kl_to_parent": g.kl_to_parent}
-        general = f", general ppl {g.ppl:.2f}, KL to parent {g.kl_to_parent:.3f}"
+        ratio = f" ({g.ppl / reference['general_ppl']:.2f}x parent)" if reference else ""
+        general = f", general ppl {g.ppl:.2f}{ratio}, KL to parent {g.kl_to_parent:.3f}"
     if manager is not None:
         row["tasks"] = score(
             model, tokenizer, args.tasks, manager, cfg.eval_batch_size, args.tasks_limit

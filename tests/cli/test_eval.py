@@ -38,12 +38,16 @@ def test_eval_of_a_family_prints_the_perplexities_of_family_json(family, capsys)
     assert main(["eval", str(out), "--device", "cpu", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "the family's own held-out split" in printed and str(data) in printed
+    rows = {"parent": manifest["parent"]} | {m["path"]: m for m in manifest["members"]}
     ppl = _ppl_lines(printed)
-    assert ppl == {m["path"]: f"{m['held_out_ppl']:.2f}" for m in manifest["members"]}
+    assert ppl == {name: f"{m['held_out_ppl']:.2f}" for name, m in rows.items()}
     general = _ppl_lines(printed, "general ppl")
-    assert general == {m["path"]: f"{m['general_ppl']:.2f}" for m in manifest["members"]}
+    assert general == {name: f"{m['general_ppl']:.2f}" for name, m in rows.items()}
     kl = _ppl_lines(printed, "KL to parent")
-    assert kl == {m["path"]: f"{m['kl_to_parent']:.3f}" for m in manifest["members"]}
+    assert kl == {name: f"{m['kl_to_parent']:.3f}" for name, m in rows.items()}
+    member = manifest["members"][-1]
+    ratio = member["general_ppl"] / manifest["parent"]["general_ppl"]
+    assert f"{member['general_ppl']:.2f} ({ratio:.2f}x parent)" in printed
 
 
 def test_eval_data_before_dir_and_after_dir_agree(family, capsys, corpus_dir):
@@ -55,7 +59,7 @@ def test_eval_data_before_dir_and_after_dir_agree(family, capsys, corpus_dir):
     assert main(["eval", str(out), *other]) == 0
     after = capsys.readouterr().out
     assert str(corpus_dir) in before and "own held-out split" not in before
-    assert _ppl_lines(before) == _ppl_lines(after) and len(_ppl_lines(before)) == 2
+    assert _ppl_lines(before) == _ppl_lines(after) and len(_ppl_lines(before)) == 3
 
 
 def test_eval_without_dir_is_a_usage_error(capsys, corpus_dir):

@@ -143,3 +143,11 @@ def fisher_spectrum(sigma: Tensor, up: Tensor, output_gram: Tensor) -> Tensor:
     gram = output_gram.to(up64.device, torch.float64)
     quadratic = ((gram @ up64) * up64).sum(dim=0).clamp_min(0.0)  # σ_j · u_jᵀ H u_j
     return (sigma[: up64.shape[1]].double().clamp_min(0.0) * quadratic).sqrt()
+
+
+def by_loss(scores: Tensor, up: Tensor, down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The components reordered by ``scores`` [k] (loss units, largest first): ``(scores, up
+    [out, k], down [k, in])`` permuted alike, so that a rank-r cut keeps the r components that
+    cost the loss most to drop, which need not be those of largest σ."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    return scores[order], up[:, order.to(up.device)], down[order.to(down.device)]

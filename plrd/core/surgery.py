@@ -37,7 +37,7 @@ from plrd.core.factorize import (
     lowrank_spectral_factors,
     spectral_factors,
 )
-from plrd.core.fisher import fisher_spectrum
+from plrd.core.fisher import by_loss, fisher_spectrum
 from plrd.core.kinds import dense_weight, is_lowrank, layer_shape, set_submodule
 from plrd.core.layer import LowRankLinear
 from plrd.core.ranks import global_ranks, uniform_ranks
@@ -239,7 +239,7 @@ def _allocate(
         keep = spec.max_rank if allocation == "fisher" else useful  # fisher scores them all
         sigma, up, down = _factors(module, keep, white, spec.name)
         if allocation == "fisher":
-            sigma = fisher_spectrum(sigma, up, output_grams[spec.name])
+            sigma, up, down = by_loss(fisher_spectrum(sigma, up, output_grams[spec.name]), up, down)
         spectra[spec.name] = sigma
         ridges[spec.name] = 0.0 if white is None else white.ridge
         like = _weight(module)

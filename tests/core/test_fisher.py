@@ -91,6 +91,29 @@ def test_fisher_cuts_the_layer_the_loss_cares_less_about():
     assert chosen["fisher"]["loud"] > chosen["global"]["loud"]
 
 
+def test_fisher_keeps_the_components_the_loss_needs_not_the_largest():
+    """W = 10·e0e0ᵀ + 1·e1e1ᵀ and a loss that only reads output 1: the rank-1 cut keeps the
+    σ = 1 component, whose loss score (σ²·uᵀHu = 1) beats the σ = 10 one's (100·1e-6)."""
+    model = nn.Sequential(nn.Linear(8, 8, bias=False))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].weight[0, 0], model[0].weight[1, 1] = 10.0, 1.0
+    loss_weights = torch.full((8,), 1e-6, dtype=torch.float64)
+    loss_weights[1] = 1.0
+    plrd.decompose(
+        model,
+        0.25,  # 16 of 64 weights: rank 1
+        grams={"0": torch.eye(8, dtype=torch.float64)},
+        output_grams={"0": torch.diag(loss_weights)},
+        allocation="fisher",
+        progress=False,
+    )
+    kept = model[0].up.detach() @ model[0].down.detach()
+    expected = torch.zeros(8, 8)
+    expected[1, 1] = 1.0
+    assert model[0].rank == 1 and torch.allclose(kept, expected, atol=1e-5)
+
+
 def test_fisher_needs_output_grams():
     model = tiny_llama()
     grams = plrd.collect_grams(model, token_batches(), progress=False)

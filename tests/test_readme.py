@@ -31,3 +31,12 @@ def test_readme_flag_table_is_generated_from_the_options():
     assert flag_table("family") in README, (
         "regenerate it: python -c 'from plrd.cli.parser import flag_table; print(flag_table())'"
     )
+
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = sorted(set(re.findall(r"`((?:tests|benchmarks|docs|plrd|plrd_kernels)/[\w./-]+)`", README)))
+
+
+@pytest.mark.parametrize("path", FILES)
+def test_every_file_the_readme_names_exists(path):
+    assert (ROOT / path).exists(), f"README.md names {path}, which is not in the repository"

@@ -2,17 +2,23 @@
 
     python benchmarks/onnx_decode.py                       # parent + the 0.80 member
     python benchmarks/onnx_decode.py --keeps 0.8 0.6 --threads 2 --repeats 7
+    python benchmarks/onnx_decode.py --members family/members/size-0.*  --threads 1
 
 For the parent (the default SmolLM2-135M, converted once into the plrd cache) and a member per
 ``--keeps`` (made with ``plrd decompose --size KEEP`` unless ``--work`` already holds it), the
-script exports each model with ``plrd.deploy.onnx_export.export_onnx`` (validated against
+script (or for each directory named by ``--members``, e.g. the members of a family) exports
+each model with ``plrd.deploy.onnx_export.export_onnx`` (validated against
 PyTorch), then times greedy decoding of ``--new-tokens`` tokens after a short prompt:
 
 * ``torch``: a greedy loop over the Hugging Face model (eager, ``torch.inference_mode``,
   ``DynamicCache``): one prefill pass, then one pass per new token;
 * ``ort``: the same loop in ONNX Runtime (``OnnxCausalLM.generate``, KV cache fed back).
 
-tokens/s = new tokens / wall time of the whole loop (the short prefill included). Threads are
+and batched evaluation: one forward pass over ``--eval-batch`` rows of ``--eval-len`` tokens
+(no cache), PyTorch and ONNX Runtime alike.
+
+decode tokens/s = new tokens / wall time of the whole loop (the short prefill included);
+evaluation tokens/s = batch × length / wall time of the pass. Threads are
 fixed (``torch.set_num_threads`` and ORT ``intra_op_num_threads``); each model/backend is
 warmed up once, then timed ``--repeats`` times, models and backends alternating in a rotating
 order so that load from other processes spreads over all of them; the median is reported. The
@@ -41,7 +47,7 @@ PROMPT = "The best way to learn a new programming language is"
 
 def parent_dir() -> Path:
     """The cached fp32 SmolLM2-135M directory (converted from the packaged GGUF on first use)."""
-    from plrd.models import smollm2_dir  # not a top-level plrd name; the one internal import
+    from plrd.io.models import smollm2_dir
 
     return smollm2_dir()
 
@@ -96,16 +102,32 @@ def timed(fn) -> tuple[float, list[int]]:
     return time.perf_counter() - start, tokens
 
 
+def torch_forward(model: torch.nn.Module, batch: torch.Tensor) -> list[int]:
+    """One pass over ``batch`` [B, S] without cache; the argmax of the last position per row."""
+    with torch.inference_mode():
+        return model(input_ids=batch, use_cache=False).logits[:, -1].argmax(-1).tolist()
+
+
+def workloads(model: dict, ids: torch.Tensor, batch: torch.Tensor, args) -> dict:
+    """{(task, backend): callable returning token ids} for one model."""
+    torch_model, ort = model["torch"], model["ort"]
+    return {
+        ("decode", "torch"): lambda: torch_greedy(torch_model, ids, args.new_tokens),
+        ("decode", "ort"): lambda: ort.generate(ids.numpy(), args.new_tokens)[0, ids.shape[1] :],
+        ("forward", "torch"): lambda: torch_forward(torch_model, batch),
+        ("forward", "ort"): lambda: ort.forward(batch.numpy())[0][:, -1].argmax(-1),
+    }
+
+
 def measure(models: dict, ids: torch.Tensor, args: argparse.Namespace) -> dict:
-    """{name: {backend: [seconds per repeat]}}, plus the tokens of the last run."""
+    """{(name, task, backend): [seconds per repeat]}, plus the tokens of the last run."""
+    batch = torch.randint(
+        0, 32000, (args.eval_batch, args.eval_len), generator=torch.Generator().manual_seed(0)
+    )
     runs = {
-        (name, backend): (
-            (lambda m=m: torch_greedy(m["torch"], ids, args.new_tokens))
-            if backend == "torch"
-            else (lambda m=m: m["ort"].generate(ids.numpy(), args.new_tokens)[0, ids.shape[1] :])
-        )
+        (name, *key): fn
         for name, m in models.items()
-        for backend in ("torch", "ort")
+        for key, fn in workloads(m, ids, batch, args).items()
     }
     order = list(runs)
     for key in order:  # warm-up
@@ -124,18 +146,19 @@ def measure(models: dict, ids: torch.Tensor, args: argparse.Namespace) -> dict:
     return {"seconds": seconds, "tokens": tokens}
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], task: str) -> str:
     """Markdown: tokens/s median (best) per backend, ratio of medians to the parent's."""
     head = (
         "| model | params | param ratio | PyTorch tok/s | ratio | ORT tok/s | ratio | ORT/PyTorch |"
     )
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        t = r[task]
         lines.append(
             f"| {r['name']} | {r['parameters'] / 1e6:.1f}M | {r['param_ratio']:.3f} "
-            f"| {r['torch_tok_s']:.1f} ({r['torch_tok_s_best']:.1f}) | {r['torch_ratio']:.2f} "
-            f"| {r['ort_tok_s']:.1f} ({r['ort_tok_s_best']:.1f}) | {r['ort_ratio']:.2f} "
-            f"| {r['ort_over_torch']:.2f} |"
+            f"| {t['torch_tok_s']:.1f} ({t['torch_tok_s_best']:.1f}) | {t['torch_ratio']:.2f} "
+            f"| {t['ort_tok_s']:.1f} ({t['ort_tok_s_best']:.1f}) | {t['ort_ratio']:.2f} "
+            f"| {t['ort_tok_s'] / t['torch_tok_s']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -152,37 +175,49 @@ def describe(payload: dict) -> str:
         f"{payload['new_tokens']} new tokens (prefill included), warm-up then "
         f"{payload['repeats']} repeats, models and backends alternating. tok/s: median "
         "(best) over repeats; ratio: median vs the parent's on the same backend.\n\n"
+        f"Batched evaluation: one pass over {payload['eval_batch']} x {payload['eval_len']} "
+        "tokens, no cache.\n\n"
         f"Load average (1/5/15 min) at start {', '.join(load[:3])}, at end "
         f"{', '.join(load[3:])}: other workers share the cores, so absolute figures are "
-        "noisy; the ratios of alternated runs are steadier.\n\n" + table(payload["rows"])
+        "noisy; the ratios of alternated runs are steadier.\n\n"
+        "## Decode\n\n" + table(payload["rows"], "decode") + "\n"
+        "## Batched evaluation\n\n" + table(payload["rows"], "forward")
     )
 
 
+def speeds(seconds: dict, name: str, task: str, tokens: int) -> dict:
+    """tokens/s (median and best) of ``name`` on both backends for one task."""
+    out = {}
+    for backend in ("torch", "ort"):
+        times = seconds[(name, task, backend)]
+        out[f"{backend}_tok_s"] = tokens / statistics.median(times)
+        out[f"{backend}_tok_s_best"] = tokens / min(times)
+        out[f"{backend}_seconds"] = times
+    return out
+
+
 def summarize(models: dict, result: dict, args: argparse.Namespace) -> list[dict]:
+    counts = {"decode": args.new_tokens, "forward": args.eval_batch * args.eval_len}
     rows = []
     for name, m in models.items():
-        med = {b: statistics.median(result["seconds"][(name, b)]) for b in ("torch", "ort")}
-        rows.append(
-            {
-                "name": name,
-                "parameters": m["meta"]["parameters"],
-                "onnx_bytes": m["meta"]["files"]["model.onnx"],
-                "export_max_abs_logit_diff": m["meta"]["validation"]["max_abs_logit_diff"],
-                "seconds": {b: result["seconds"][(name, b)] for b in ("torch", "ort")},
-                "torch_tok_s": args.new_tokens / med["torch"],
-                "ort_tok_s": args.new_tokens / med["ort"],
-                "torch_tok_s_best": args.new_tokens / min(result["seconds"][(name, "torch")]),
-                "ort_tok_s_best": args.new_tokens / min(result["seconds"][(name, "ort")]),
-                "same_tokens_torch_ort": result["tokens"][(name, "torch")]
-                == result["tokens"][(name, "ort")],
-            }
-        )
+        row = {
+            "name": name,
+            "parameters": m["meta"]["parameters"],
+            "onnx_bytes": m["meta"]["files"]["model.onnx"],
+            "export_max_abs_logit_diff": m["meta"]["validation"]["max_abs_logit_diff"],
+            "same_tokens_torch_ort": result["tokens"][(name, "decode", "torch")]
+            == result["tokens"][(name, "decode", "ort")],
+        }
+        for task, n in counts.items():
+            row[task] = speeds(result["seconds"], name, task, n)
+        rows.append(row)
     parent = rows[0]
     for r in rows:
         r["param_ratio"] = r["parameters"] / parent["parameters"]
-        r["torch_ratio"] = r["torch_tok_s"] / parent["torch_tok_s"]
-        r["ort_ratio"] = r["ort_tok_s"] / parent["ort_tok_s"]
-        r["ort_over_torch"] = r["ort_tok_s"] / r["torch_tok_s"]
+        for task in counts:
+            for backend in ("torch", "ort"):
+                key = f"{backend}_tok_s"
+                r[task][f"{backend}_ratio"] = r[task][key] / parent[task][key]
     return rows
 
 
@@ -203,10 +238,13 @@ def machine(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.8])
+    parser.add_argument("--members", type=Path, nargs="+", default=None, help="member dirs")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache/plrd/onnx-bench")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--eval-batch", type=int, default=4)
+    parser.add_argument("--eval-len", type=int, default=256)
     parser.add_argument("--name", default=None, help="result file stem (default: date+threads)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -217,8 +255,12 @@ def main(argv: list[str] | None = None) -> None:
     info = machine(args)
     parent = parent_dir()
     sources = {"parent": parent}
-    for keep in args.keeps:
-        sources[f"member-{keep:.2f}"] = make_member(parent, keep, args.work / f"member-{keep:.2f}")
+    if args.members:
+        sources |= {d.name: d for d in args.members}
+    else:
+        for keep in args.keeps:
+            name = f"member-{keep:.2f}"
+            sources[name] = make_member(parent, keep, args.work / name)
     models = {}
     for name, source in sources.items():
         meta = export(source, args.work / f"onnx-{name}", args.threads)
@@ -231,10 +273,11 @@ def main(argv: list[str] | None = None) -> None:
     stem = args.name or f"onnx-decode-{info['date_utc'][:10]}-{args.threads}threads"
     RESULTS.mkdir(exist_ok=True)
     payload = {"machine": info, "prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens}
+    payload |= {"eval_batch": args.eval_batch, "eval_len": args.eval_len}
     payload |= {"repeats": args.repeats, "rows": rows}
     (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     text = describe(payload)
-    (RESULTS / f"{stem}.md").write_text(f"# ONNX Runtime vs PyTorch decode: {stem}\n\n{text}")
+    (RESULTS / f"{stem}.md").write_text(f"# ONNX Runtime vs PyTorch speed: {stem}\n\n{text}")
     print(text)
 
 

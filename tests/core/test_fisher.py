@@ -42,7 +42,9 @@ def test_output_grams_do_not_depend_on_how_the_blocks_are_batched_or_split():
     model = tiny_llama()
     blocks = torch.cat(list(token_batches()))
     whole = plrd.collect_output_grams(model, [blocks], progress=False)
-    shards = [plrd.collect_output_grams(model, blocks[r::2].split(1), progress=False) for r in (0, 1)]
+    shards = [
+        plrd.collect_output_grams(model, blocks[r::2].split(1), progress=False) for r in (0, 1)
+    ]
     for name, gram in whole.items():
         assert torch.allclose(shards[0][name] + shards[1][name], gram, rtol=1e-6, atol=1e-9), name
 

@@ -19,11 +19,10 @@ from plrd.family import distributed
 from plrd.family.card import CARD_FILE, member_card
 from plrd.family.checks import check_inputs, check_model
 from plrd.family.config import FamilyConfig
-from plrd.family.data import build_corpus
 from plrd.family.device import resolve_device
 from plrd.family.evaluate import evaluate, evaluate_general
 from plrd.family.record import FAMILY_FILE, read_record, verify_members, write_record
-from plrd.family.run_data import RunData, assemble, read_text_documents, text_corpus
+from plrd.family.run_data import RunData, assemble, read_text_documents, text_corpus, uses_self
 from plrd.family.schedule import build_family
 from plrd.family.stage import calibrate_and_decompose
 from plrd.family.tasks import primary_metric, score, task_manager
@@ -51,11 +50,12 @@ def run_decompose(args: argparse.Namespace) -> dict:
     cfg = config_from_args(args)
     cfg.validate()
     documents, device = check_inputs(cfg, args.out)
-    tokenizer = load_tokenizer(cfg.model)
-    corpus = build_corpus(documents, tokenizer, cfg.seq_len, cfg.held_out_fraction)
+    corpus = text_corpus(cfg, documents, load_tokenizer(cfg.model))
     torch.manual_seed(cfg.seed)
     model, tokenizer, _ = load_model(cfg.model, device)
     check_model(model, cfg.model, (args.size,), cfg.seq_len)
+    if uses_self(cfg.data):  # text written by the model itself, before it is cut
+        corpus = assemble(cfg, corpus, model, tokenizer).corpus
     before = count_parameters(model)
     started = time.perf_counter()
     calib = corpus.calibration_blocks(cfg.calib_tokens, seed=cfg.seed)

@@ -85,3 +85,28 @@ def test_another_parent_gets_its_own_text(tmp_path):
     mine, theirs = _rows(tmp_path, model), _rows(tmp_path, other)
     assert len(list((tmp_path / "selftext").iterdir())) == 2
     assert not torch.equal(mine, theirs)
+
+
+SMALL = ["--seq-len", "32", "--eval-tokens", "128", "--calib-tokens", "128", "--device", "cpu"]
+SMALL += ["--self-tokens", "512", "--no-progress"]
+
+
+def test_family_and_decompose_take_data_self(tmp_path, tiny_model_dir, corpus_dir, capsys):
+    """``--data self`` alone trains a family and calibrates a decomposition on text the parent
+    wrote; mixed with a corpus it adds to it; the second command reads the first's cache."""
+    from plrd.cli.entry import main
+
+    model = ["--model", str(tiny_model_dir)]
+    family = ["family", *model, "--sizes", "0.9", "--tokens-per-stage", "64", "--batch-size", "2"]
+    assert main([*family, "--data", "self", "--out", str(tmp_path / "fam"), *SMALL]) == 0
+    record = (tmp_path / "fam" / "family.json").read_text()
+    assert '"self_text"' in record and '"members"' in record
+    cached = sorted((Path(os.environ["PLRD_CACHE"]) / "selftext").rglob("chunk-*"))
+    assert cached
+    mixed = ["--data", "self", str(corpus_dir)]
+    assert main([*family, *mixed, "--out", str(tmp_path / "mixed"), *SMALL]) == 0
+    out = tmp_path / "member"
+    argv = ["decompose", *model, "--size", "0.9", "--data", "self", "--out", str(out), *SMALL]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (out / "plrd.json").is_file() and "held-out ppl" in capsys.readouterr().out
+    assert sorted((Path(os.environ["PLRD_CACHE"]) / "selftext").rglob("chunk-*")) == cached

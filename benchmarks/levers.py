@@ -64,16 +64,21 @@ def build(kind: str, lever: str, size: float, out: Path) -> None:
         plrd("decompose", "--size", str(size), "--out", str(out), "--no-eval", *LEVERS[lever])
 
 
+def rows(printed: str) -> dict:
+    """{"parent": row, "member": row} from what one ``plrd eval`` printed."""
+    found = [m.groupdict() for line in printed.splitlines() if (m := ROW.match(line))]
+    return {"parent": found[0], "member": found[-1]}
+
+
 def measure(member: Path, outside: dict[str, Path]) -> dict:
-    """{set: {"parent": row, "member": row}} from ``plrd eval`` on each outside set."""
-    out = {}
+    """{set: {"parent": row, "member": row}} from ``plrd eval`` on each outside set, kept in
+    ``member/outside.json`` so that a rerun measures only what is missing."""
+    done = member / "outside.json"
+    out = json.loads(done.read_text()) if done.is_file() else {}
     for name, path in outside.items():
-        rows = [
-            m.groupdict()
-            for line in plrd("eval", str(member), "--eval-data", str(path)).splitlines()
-            if (m := ROW.match(line))
-        ]
-        out[name] = {"parent": rows[0], "member": rows[-1]}
+        if name not in out:
+            out[name] = rows(plrd("eval", str(member), "--eval-data", str(path)))
+            done.write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 

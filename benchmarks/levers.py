@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         results[lever] = measure(out, outside)
     date = datetime.date.today().isoformat()
     stem = RESULTS / f"levers-{'trained-' if args.trained else ''}{args.size:.2f}-{date}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    Path(f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     text = (
         f"# {kind.capitalize()} levers at size {args.size} ({date})\n\n"
         f"`python benchmarks/levers.py OUTSIDE --size {args.size}"
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         "the default corpus; the outside sets from `benchmarks/outside_text.py`).\n\n"
         + table(results, list(outside))
     )
-    stem.with_suffix(".md").write_text(text)
+    Path(f"{stem}.md").write_text(text)
     print(text)
 
 

@@ -38,6 +38,8 @@ TRAINED = {
     "uniform, kd": ["--allocation", "uniform", "--objective", "kd"],
     "fisher, lm": ["--allocation", "fisher", "--objective", "lm"],
     "fisher, kd (default)": ["--allocation", "fisher", "--objective", "kd"],
+    "fisher, kd, lr 3e-4": ["--allocation", "fisher", "--objective", "kd", "--lr", "3e-4"],
+    "fisher, kd, lr 1e-3": ["--allocation", "fisher", "--objective", "kd", "--lr", "1e-3"],
 }
 ROW = re.compile(
     r"^(?P<name>\S+): .*held-out ppl (?P<held>[\d.]+).*general ppl (?P<general>[\d.]+)"

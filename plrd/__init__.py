@@ -18,6 +18,7 @@ _EXPORTS = {
     "count_parameters": "plrd.core.counting",
     "collect_grams": "plrd.core.calibrate",
     "collect_output_grams": "plrd.core.fisher",
+    "collect_both_grams": "plrd.core.fisher",
     "save": "plrd.io.checkpoint",
     "load": "plrd.io.checkpoint",
     "weights_checksum": "plrd.io.checkpoint",

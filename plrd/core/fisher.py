@@ -9,7 +9,8 @@ output error ‖(W − W')L‖² alone, this is in one unit for every layer, so 
 cut across the whole model (``plrd.decompose(..., allocation="fisher")``).
 
 Costs one forward and one backward pass per batch (about three forwards), and one
-[out, out] float64 Gram per layer.
+[out, out] float64 Gram per layer. ``collect_both_grams`` takes the input Grams on the same
+forward.
 """
 
 from __future__ import annotations
@@ -23,7 +24,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from plrd.core.calibrate import Grams, check_batches_argument, model_device, to_device
+from plrd.core.calibrate import (
+    GramCollector,
+    Grams,
+    check_batch,
+    check_batches_argument,
+    check_result,
+    gram_hooks,
+    gram_product,
+    model_device,
+    to_device,
+)
 from plrd.core.kinds import layer_shape
 from plrd.core.targets import Patterns, find_targets
 from plrd.errors import InputError
@@ -74,35 +85,40 @@ def _logits(output: Any) -> Tensor:
     return logits
 
 
-def collect_output_grams(
-    model: nn.Module,
-    batches: Iterable[Tensor | Mapping[str, Any]],
-    targets: Patterns = None,
-    exclude: Patterns = None,
-    seed: int = 0,
-    progress: bool = True,
-) -> Grams:
-    """``{layer name: Σ g gᵀ}`` (float64 [out, out]) of the targeted layers over ``batches``,
-    with g the gradient of the sampled-label loss at the layer's output (see the module
-    docstring). ``batches`` as for ``plrd.collect_grams``; ``seed`` fixes the sampled labels.
-    Eval mode; parameters' ``requires_grad`` and ``.grad`` and each module's mode are restored.
-    """
-    check_batches_argument(model, batches, "collect_output_grams")
-    layers = find_targets(model, targets, exclude)
-    grams, tokens = Grams(), {}
+def _output_gram_hooks(
+    layers: Mapping[str, nn.Module], grams: Grams
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Full backward hooks adding g gᵀ of each layer's output gradient g [..., out] to
+    ``grams`` (float32 products summed in float64) and counting rows in ``grams.tokens``."""
 
     def hook(name: str, width: int):
         def record(module: nn.Module, grad_input: Any, grad_output: tuple[Tensor, ...]) -> None:
-            g = grad_output[0].detach().reshape(-1, width).double()
-            grams[name] = grams[name] + g.T @ g if name in grams else g.T @ g
-            tokens[name] = tokens.get(name, 0) + g.shape[0]
+            g = gram_product(grad_output[0].detach().reshape(-1, width))
+            grams[name] = grams[name] + g if name in grams else g
+            grams.tokens[name] = grams.tokens.get(name, 0) + grad_output[0].numel() // width
 
         return record
 
+    return [m.register_full_backward_hook(hook(n, layer_shape(m)[1])) for n, m in layers.items()]
+
+
+def _sensitivity_pass(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batches: Iterable[Tensor | Mapping[str, Any]],
+    seed: int,
+    progress: bool,
+    inputs: GramCollector | None = None,
+) -> tuple[Grams, int]:
+    """One forward and backward pass per batch with the output-gradient hooks on (and the input
+    Gram hooks of ``inputs`` fed on the same forward); returns the output Grams and the number
+    of batches. Eval mode;
+    parameters' ``requires_grad`` and ``.grad`` and each module's mode are restored."""
+    grams = Grams()
     params = list(model.parameters())
     flags = [(p, p.requires_grad, p.grad) for p in params]
     modes = {m: m.training for m in model.modules()}
-    handles = [m.register_full_backward_hook(hook(n, layer_shape(m)[1])) for n, m in layers.items()]
+    handles = _output_gram_hooks(layers, grams)
     device = model_device(model)
     count = 0
     try:
@@ -111,6 +127,9 @@ def collect_output_grams(
             p.requires_grad_(p.is_floating_point())
             p.grad = None
         for batch in tqdm(batches, desc="sensitivity", unit="batch", disable=not progress):
+            check_batch(count, batch)
+            if inputs is not None:
+                inputs.start_forward()
             batch = to_device(batch, device)
             output = model(**batch) if isinstance(batch, Mapping) else model(batch)
             sampled_nll(_logits(output), row_seeds(batch, seed, count)).backward()
@@ -127,8 +146,45 @@ def collect_output_grams(
             m.train(mode)
     if count == 0:
         raise InputError("collect_output_grams got no batches; pass a non-empty iterable")
-    grams.tokens = tokens
-    return grams
+    return grams, count
+
+
+def collect_output_grams(
+    model: nn.Module,
+    batches: Iterable[Tensor | Mapping[str, Any]],
+    targets: Patterns = None,
+    exclude: Patterns = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Grams:
+    """``{layer name: Σ g gᵀ}`` (float64 [out, out]) of the targeted layers over ``batches``,
+    with g the gradient of the sampled-label loss at the layer's output (see the module
+    docstring). ``batches`` as for ``plrd.collect_grams``; ``seed`` fixes the sampled labels.
+    Eval mode; parameters' ``requires_grad`` and ``.grad`` and each module's mode are restored.
+    """
+    check_batches_argument(model, batches, "collect_output_grams")
+    layers = find_targets(model, targets, exclude)
+    return _sensitivity_pass(model, layers, batches, seed, progress)[0]
+
+
+def collect_both_grams(
+    model: nn.Module,
+    batches: Iterable[Tensor | Mapping[str, Any]],
+    targets: Patterns = None,
+    exclude: Patterns = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[Grams, Grams]:
+    """``(collect_grams(...), collect_output_grams(...))`` from one pass over ``batches``: the
+    input Grams Σ xᵀx are taken on the forward that the output gradients need (the same
+    numbers as a separate no-grad pass, one forward fewer)."""
+    check_batches_argument(model, batches, "collect_both_grams")
+    layers = find_targets(model, targets, exclude)
+    with gram_hooks(layers) as collector:
+        output_grams, count = _sensitivity_pass(model, layers, batches, seed, progress, collector)
+    grams = collector.result()
+    check_result(grams, layers, count)
+    return grams, output_grams
 
 
 def fisher_spectrum(sigma: Tensor, up: Tensor, output_gram: Tensor) -> Tensor:

@@ -6,7 +6,8 @@ temperature 1 (no top-k/top-p) up to ``length`` tokens or its end-of-text token.
 generated in chunks of ``chunk_rows`` rows, batched with the KV cache of ``generate``; chunk k
 is seeded by (seed, k) alone, so any chunk is the same whenever it is made.
 
-Chunks are cached on disk under ``<cache>/selftext/<parent digest>-seed<S>-len<L>-<split>/``
+Chunks are cached on disk under
+``<cache>/selftext/<parent digest>-seed<S>-len<L>-rows<R>-<split>/`` (R rows per chunk)
 (safetensors, written atomically): a later stage or run asking for rows that exist reads them;
 a killed generation resumes at the first missing chunk; another parent (other weights) has
 another digest and so another directory.
@@ -25,7 +26,10 @@ from plrd.errors import InputError
 from plrd.io.atomic import atomic_path
 
 GREEDY_TOKENS = 3
-CHUNK_ROWS = 16
+# Rows generated together. Each decoding step reads every weight once for all rows, so wider
+# chunks write faster (2 CPU threads, SmolLM2-135M: 60 tokens/s at 16 rows, 147 at 64); 32 rows
+# of 256 tokens cover the default 4,096-token general set in one chunk.
+CHUNK_ROWS = 32
 SPLITS = ("train", "held-out")
 CHUNK = "chunk-{:05d}.safetensors"
 
@@ -107,7 +111,11 @@ class SelfText:
     ) -> None:
         if split not in SPLITS:
             raise InputError(f"split must be one of {SPLITS}, got {split!r}")
-        self.directory = Path(cache) / "selftext" / f"{digest[:16]}-seed{seed}-len{length}-{split}"
+        self.directory = (
+            Path(cache)
+            / "selftext"
+            / (f"{digest[:16]}-seed{seed}-len{length}-rows{chunk_rows}-{split}")
+        )
         self.seed = seed + (0 if split == "train" else 7_919_000_003)
         self.length, self.chunk_rows = length, chunk_rows
 

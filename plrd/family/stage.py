@@ -24,7 +24,7 @@ from torch import Tensor
 
 from plrd.core.calibrate import collect_grams
 from plrd.core.counting import count_parameters, format_params
-from plrd.core.fisher import collect_output_grams
+from plrd.core.fisher import collect_both_grams, collect_output_grams
 from plrd.core.surgery import DecompositionReport, decompose
 from plrd.errors import DamagedFileError
 from plrd.family import distributed
@@ -112,9 +112,11 @@ def calibrate_and_decompose(
     split = distributed.world_size() > 1 and len(calib) >= distributed.world_size()
     batches = (distributed.shard(calib) if split else calib).split(batch_size)
     grams = output_grams = None
-    if method == "whiten":
+    if method == "whiten" and allocation == "fisher":
+        grams, output_grams = collect_both_grams(model, batches, progress=progress)
+    elif method == "whiten":
         grams = collect_grams(model, batches, progress=progress)
-    if allocation == "fisher":
+    elif allocation == "fisher":
         output_grams = collect_output_grams(model, batches, progress=progress)
     if split:
         for collected in (grams, output_grams):

@@ -30,7 +30,8 @@ def test_output_grams_are_symmetric_psd_and_leave_the_model_as_it_was():
     grams = plrd.collect_output_grams(model, token_batches(), progress=False)
     q = grams["model.layers.0.self_attn.q_proj"]
     assert q.shape == (64, 64) and q.dtype == torch.float64
-    assert torch.allclose(q, q.T) and torch.linalg.eigvalsh(q).min() > -1e-9 * q.norm()
+    # float32 products: PSD up to float32 rounding
+    assert torch.allclose(q, q.T) and torch.linalg.eigvalsh(q).min() > -1e-6 * q.norm()
     assert grams.tokens["model.layers.0.mlp.down_proj"] == sum(b.numel() for b in token_batches())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
@@ -46,7 +47,8 @@ def test_output_grams_do_not_depend_on_how_the_blocks_are_batched_or_split():
         plrd.collect_output_grams(model, blocks[r::2].split(1), progress=False) for r in (0, 1)
     ]
     for name, gram in whole.items():
-        assert torch.allclose(shards[0][name] + shards[1][name], gram, rtol=1e-6, atol=1e-9), name
+        summed = shards[0][name] + shards[1][name]
+        assert (summed - gram).norm() <= 1e-5 * gram.norm(), name  # float32 products
 
 
 class _TwoBranches(nn.Module):
@@ -121,3 +123,19 @@ def test_fisher_needs_output_grams():
     grams = plrd.collect_grams(model, token_batches(), progress=False)
     with pytest.raises(InputError, match="collect_output_grams"):
         plrd.decompose(model, 0.7, grams=grams, allocation="fisher", progress=False)
+
+
+def test_both_grams_from_one_pass_equal_the_two_separate_collections():
+    model = tiny_llama()
+    batches = list(token_batches())
+    grams, output_grams = plrd.collect_both_grams(model, batches, progress=False)
+    alone = plrd.collect_grams(model, batches, progress=False)
+    output_alone = plrd.collect_output_grams(model, batches, progress=False)
+    assert set(grams) == set(alone) and set(output_grams) == set(output_alone)
+    for name in alone:
+        torch.testing.assert_close(grams[name], alone[name])
+        torch.testing.assert_close(output_grams[name], output_alone[name])
+        assert grams.tokens[name] == alone.tokens[name]
+    shared = grams["model.layers.0.self_attn.q_proj"]
+    assert shared is grams["model.layers.0.self_attn.k_proj"]  # one Gram per shared input
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())

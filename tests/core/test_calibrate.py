@@ -11,7 +11,6 @@ import plrd
 from plrd.errors import InputError
 from tests.tiny_models import tiny_bert, tiny_gpt2, token_batches
 
-
 # Each batch's product is taken in float32 (``plrd.core.calibrate.gram_product``): equal to the
 # float64 reference to float32 rounding, not bit for bit.
 assert_gram = functools.partial(torch.testing.assert_close, rtol=1e-5, atol=1e-5)

@@ -39,7 +39,7 @@ TRAINED = {
     "fisher, lm": ["--allocation", "fisher", "--objective", "lm"],
     "fisher, kd (default)": ["--allocation", "fisher", "--objective", "kd"],
     "fisher, kd, lr 3e-4": ["--allocation", "fisher", "--objective", "kd", "--lr", "3e-4"],
-    "fisher, kd, lr 1e-3": ["--allocation", "fisher", "--objective", "kd", "--lr", "1e-3"],
+    "fisher, kd, lr 3e-5": ["--allocation", "fisher", "--objective", "kd", "--lr", "3e-5"],
 }
 ROW = re.compile(
     r"^(?P<name>\S+): .*held-out ppl (?P<held>[\d.]+).*general ppl (?P<general>[\d.]+)"
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     outside = {p.stem: p for p in sorted(args.outside.glob("*.txt"))}
     results = {}
     for lever in levers:
-        slug = re.sub(r"[^a-z]+", "-", lever.lower()).strip("-")
+        slug = re.sub(r"[^a-z0-9]+", "-", lever.lower()).strip("-")
         out = args.work / kind / f"{slug}-{args.size:.2f}"
         build(kind, lever, args.size, out)
         results[lever] = measure(out, outside)

@@ -148,7 +148,9 @@ def general_sums(
         batch = blocks[i : i + batch_size].to(device)
         with autocast_for(device):
             logits = model(input_ids=batch, use_cache=False).logits
-            reference = parent(input_ids=batch, use_cache=False).logits
+            reference = (
+                logits if parent is model else parent(input_ids=batch, use_cache=False).logits
+            )
         b, t = batch.shape
         sums += torch.tensor(
             [

@@ -60,7 +60,14 @@ def run_decompose(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     calib = corpus.calibration_blocks(cfg.calib_tokens, seed=cfg.seed)
     report = calibrate_and_decompose(
-        model, args.size, calib, cfg.method, cfg.allocation, cfg.eval_batch_size, cfg.progress
+        model,
+        args.size,
+        calib,
+        cfg.method,
+        cfg.allocation,
+        cfg.eval_batch_size,
+        cfg.progress,
+        cfg.min_saving,
     )
     print(report)
     entry: dict = {
@@ -70,6 +77,7 @@ def run_decompose(args: argparse.Namespace) -> dict:
         "params": count_parameters(model),
         "method": cfg.method,
         "allocation": cfg.allocation,
+        "min_saving": cfg.min_saving,
         "calibration_tokens": int(calib.numel()),
         "seconds": 0.0,
     }

@@ -21,11 +21,11 @@ from plrd.core.ranks import LayerSpec, min_weight_params
 from plrd.core.targets import Patterns, find_targets
 
 
-def layer_spec(name: str, module: nn.Module) -> LayerSpec:
+def layer_spec(name: str, module: nn.Module, min_saving: float = 0.0) -> LayerSpec:
     """The allocation's view of a linear-like layer: widths in, out and current rank r (None =
-    dense, holding in·out weights; else r·(in + out))."""
+    dense, holding in·out weights; else r·(in + out)), and ``min_saving``."""
     n_in, n_out = layer_shape(module)
-    return LayerSpec(name, n_in, n_out, module.rank if is_lowrank(module) else None)
+    return LayerSpec(name, n_in, n_out, module.rank if is_lowrank(module) else None, min_saving)
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,12 @@ class Budget:
     specs: tuple[LayerSpec, ...]
 
     @classmethod
-    def of(cls, model: nn.Module, layers: Mapping[str, nn.Module]) -> Budget:
-        """The budget of ``model`` with ``layers`` (name → module) targeted."""
-        specs = tuple(layer_spec(name, module) for name, module in layers.items())
+    def of(
+        cls, model: nn.Module, layers: Mapping[str, nn.Module], min_saving: float = 0.0
+    ) -> Budget:
+        """The budget of ``model`` with ``layers`` (name → module) targeted, each factored only
+        where that saves ``min_saving`` of its dense weights."""
+        specs = tuple(layer_spec(name, module, min_saving) for name, module in layers.items())
         return cls(count_parameters(model), specs)
 
     @property

@@ -4,8 +4,11 @@ Pure functions on layer shapes and spectra; no modules touched.
 
 A layer with input width ``in`` and output width ``out`` costs ``r·(in+out)`` weights at rank r
 and ``in·out`` dense. It is only factored (or, if already factored, truncated) below its
-*threshold* ``t = min(current max rank, ⌊in·out/(in+out)⌋)``: a chosen rank ``r ≥ t`` leaves the
-layer as it is (dense stays dense, a factored layer keeps its rank). Ranks are at least 1.
+*threshold* ``t = min(current max rank, ⌊(1 − s)·in·out/(in+out)⌋)``: a chosen rank ``r ≥ t``
+leaves the layer as it is (dense stays dense, a factored layer keeps its rank). ``s`` is the
+layer's ``min_saving``: 0 factors wherever that saves a weight (t is the break-even rank); s > 0
+factors only where it saves at least that fraction of the dense weights, since near break-even
+two skinny products run no faster than one dense one. Ranks are at least 1.
 
 - Uniform: every layer keeps the same fraction f of its current weights, r = round(f·P/(in+out)).
   f is found by bisection (the total is monotone in f, break-even jumps included), then single
@@ -17,6 +20,7 @@ layer as it is (dense stays dense, a factored layer keeps its rank). Ranks are a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -27,14 +31,26 @@ from plrd.core.factorize import break_even_rank
 from plrd.errors import InputError
 
 
+def saving_rank(in_features: int, out_features: int, min_saving: float = 0.0) -> int:
+    """⌊(1 − min_saving)·in·out/(in + out)⌋: below this rank the factors hold at most
+    1 − ``min_saving`` of the dense weights (``min_saving`` = 0: the break-even rank)."""
+    if min_saving == 0.0:
+        return break_even_rank(in_features, out_features)
+    return math.floor(
+        (1.0 - min_saving) * in_features * out_features / (in_features + out_features)
+    )
+
+
 @dataclass(frozen=True)
 class LayerSpec:
-    """A targeted layer: widths and current rank (``None`` = dense)."""
+    """A targeted layer: widths, current rank (``None`` = dense) and the least fraction of its
+    dense weights a factorization must save (``min_saving``, see the module docstring)."""
 
     name: str
     in_features: int
     out_features: int
     rank: int | None = None
+    min_saving: float = 0.0
 
     @property
     def step(self) -> int:
@@ -48,8 +64,9 @@ class LayerSpec:
 
     @property
     def threshold(self) -> int:
-        """Smallest rank at which the layer is left unchanged: min(max rank, break-even)."""
-        return min(self.max_rank, break_even_rank(self.in_features, self.out_features))
+        """Smallest rank at which the layer is left unchanged: min(max rank, the largest rank
+        that still saves ``min_saving`` of the dense weights)."""
+        return min(self.max_rank, saving_rank(self.in_features, self.out_features, self.min_saving))
 
     @property
     def weight_params(self) -> int:

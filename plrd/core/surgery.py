@@ -90,6 +90,18 @@ def _check_arguments(
     return keep
 
 
+def _check_min_saving(min_saving: float) -> None:
+    if (
+        isinstance(min_saving, bool)
+        or not isinstance(min_saving, numbers.Real)
+        or not 0.0 <= float(min_saving) < 1.0
+    ):
+        raise InputError(
+            f"min_saving must be a fraction in [0, 1), got {min_saving!r}; 0 factors a layer "
+            "wherever that saves a parameter, 0.2 only where it saves a fifth of its weights"
+        )
+
+
 def _check_grams_present(layers: Mapping[str, nn.Module], grams: Mapping | None) -> None:
     if grams is None:
         raise InputError(
@@ -331,6 +343,7 @@ def decompose(
     method: str = "whiten",
     progress: bool = True,
     output_grams: Mapping[str, Tensor] | None = None,
+    min_saving: float = 0.0,
 ) -> DecompositionReport:
     """Shrink ``model`` in place to ≈ ``keep`` × its current parameter count.
 
@@ -350,6 +363,10 @@ def decompose(
         progress: show a progress bar over the layers being factored.
         output_grams: ``plrd.collect_output_grams(model, ...)`` output (Σ g gᵀ of the
             gradients at each layer's output); required by ``allocation="fisher"``.
+        min_saving: in [0, 1): a layer is factored only at ranks whose factors hold at most
+            1 − ``min_saving`` of its dense weights (0: below break-even). Near break-even two
+            skinny products save parameters but little time; a positive value leaves those
+            layers dense and cuts the others deeper.
 
     Returns a :class:`DecompositionReport` (``print(report)`` shows a table). Raises
     ``InputError`` (a ``ValueError``) for a ``keep`` outside (0, 1] or below
@@ -358,10 +375,11 @@ def decompose(
     raises.
     """
     keep = _check_arguments(model, keep, grams, method, allocation)
+    _check_min_saving(min_saving)
     layers = find_targets(model, targets, exclude)
     _check_layers(layers, grams, method)
     _check_output_grams(layers, output_grams, allocation)
-    budget = Budget.of(model, layers)
+    budget = Budget.of(model, layers, float(min_saving))
     target = _check_reachable(keep, budget)
 
     layer_grams = {n: grams[n] for n in layers} if method == "whiten" else dict.fromkeys(layers)

@@ -203,6 +203,14 @@ class FamilyConfig:
         commands=BUILDS,
         recipe=True,
     )
+    min_saving: float = option(
+        0.0,
+        "factor a layer only where that saves at least this fraction of its weights (0: "
+        "wherever it saves any; near break-even two skinny products run no faster than one)",
+        check=Between(0, 1, low_open=False),
+        commands=BUILDS,
+        recipe=True,
+    )
     calib_tokens: int = option(
         4096,
         "training-split tokens used for the Grams Σxᵀx",

@@ -101,9 +101,10 @@ def calibrate_and_decompose(
     allocation: str = "uniform",
     batch_size: int = 8,
     progress: bool = True,
+    min_saving: float = 0.0,
 ) -> DecompositionReport:
     """Grams on ``calib`` blocks [N, T] (input Grams to whiten; output-gradient Grams for
-    ``fisher``), then ``plrd.decompose`` in place.
+    ``fisher``), then ``plrd.decompose`` in place (``min_saving`` as there).
 
     Data parallel: each rank collects Grams on its shard of ``calib`` and they are summed over
     the ranks (all ranks use all blocks when there are fewer blocks than ranks), so every rank
@@ -130,6 +131,7 @@ def calibrate_and_decompose(
         method=method,
         progress=progress,
         output_grams=output_grams,
+        min_saving=min_saving,
     )
     ranks = [(row.name, row.rank_after) for row in report.layers]
     distributed.same_on_all_ranks(ranks, "the decomposition's ranks")
@@ -269,6 +271,7 @@ def decompose_stage(
         cfg.allocation,
         cfg.eval_batch_size,
         cfg.progress and run.main,
+        cfg.min_saving,
     )
     distributed.on_main(write_text, paths.stage_dir / REPORT_FILE, f"{report}\n")
     zero = evaluate_sharded(model, run.eval_blocks, cfg.eval_batch_size, timing_repeats=0)

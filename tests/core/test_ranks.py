@@ -131,3 +131,33 @@ def test_global_budget_monotone_and_within_a_step():
 def test_global_needs_enough_singular_values():
     with pytest.raises(InputError, match="singular values"):
         global_ranks([LayerSpec("a", 16, 16)], {"a": torch.ones(3)}, budget=10)
+
+
+def test_min_saving_lowers_the_threshold_to_the_rank_that_saves_that_fraction():
+    plain = LayerSpec("mlp", 576, 1536)
+    capped = LayerSpec("mlp", 576, 1536, min_saving=0.2)
+    assert plain.threshold == 418  # ⌊576·1536 / 2112⌋, the break-even rank
+    assert capped.threshold == 335  # ⌊0.8 · 576·1536 / 2112⌋
+    assert capped.params_at(334) == 334 * 2112 <= 0.8 * 576 * 1536
+    assert capped.params_at(335) == 576 * 1536  # would save less than a fifth: stays dense
+    # the cap never raises the threshold of a factored layer above its current rank
+    assert LayerSpec("mlp", 576, 1536, rank=100, min_saving=0.2).threshold == 100
+
+
+@pytest.mark.parametrize("allocate", ["uniform", "global"])
+def test_min_saving_leaves_no_layer_factored_near_break_even(allocate):
+    specs = [LayerSpec(f"l{i}", 64, 192 if i % 2 else 64, min_saving=0.3) for i in range(6)]
+    budget = int(0.8 * sum(s.weight_params for s in specs))
+    if allocate == "uniform":
+        ranks = uniform_ranks(specs, budget)
+    else:
+        spectra = {
+            s.name: torch.linspace(3.0, 0.1, s.max_rank) * (1 + i) for i, s in enumerate(specs)
+        }
+        ranks = global_ranks(specs, spectra, budget)
+    factored = [(s, r) for s, r in zip(specs, ranks.values(), strict=True) if r is not None]
+    assert factored, ranks
+    for spec, rank in factored:
+        assert rank * spec.step <= 0.7 * spec.weight_params, (spec, rank)
+    total = sum(s.params_at(ranks[s.name] or s.threshold) for s in specs)
+    assert abs(total - budget) <= max(s.step for s in specs) or total <= budget

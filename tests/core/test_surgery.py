@@ -241,3 +241,27 @@ def test_decompose_equals_from_linear_and_factors_each_gram_once(allocation, mon
         torch.testing.assert_close(layer.down, reference.down, rtol=1e-5, atol=1e-6)
         assert layer.up.is_contiguous() and layer.down.is_contiguous()
         assert layer.down.untyped_storage().nbytes() == layer.down.numel() * 4  # no cache kept
+
+
+def test_min_saving_factors_only_layers_that_save_that_much_and_still_meets_the_target():
+    model = tiny_llama()
+    batches = token_batches()
+    before = plrd.count_parameters(model)
+    grams = plrd.collect_grams(model, batches, progress=False)
+    report = plrd.decompose(model, 0.8, grams=grams, min_saving=0.25, progress=False)
+    assert abs(report.params_after - 0.8 * before) <= 0.01 * before
+    changed = [row for row in report.layers if row.rank_after is not None]
+    assert changed
+    for row in changed:
+        dense = row.in_features * row.out_features
+        assert row.rank_after * (row.in_features + row.out_features) <= 0.75 * dense, row
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, True, "0.2"])
+def test_bad_min_saving_is_refused_before_any_change(bad):
+    model = tiny_llama()
+    grams = plrd.collect_grams(model, token_batches(), progress=False)
+    before = snapshot(model)
+    with pytest.raises(InputError, match="min_saving must be a fraction in"):
+        plrd.decompose(model, 0.8, grams=grams, min_saving=bad, progress=False)
+    assert unchanged(model, before)

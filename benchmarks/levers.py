@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> None:
         results[lever] = measure(out, outside)
     date = datetime.date.today().isoformat()
     stem = RESULTS / f"levers-{'trained-' if args.trained else ''}{args.size:.2f}-{date}"
+    earlier = Path(f"{stem}.json")
+    if earlier.is_file():  # a run of some levers adds to the day's table, never drops rows
+        results = {**json.loads(earlier.read_text()), **results}
     Path(f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     text = (
         f"# {kind.capitalize()} levers at size {args.size} ({date})\n\n"

@@ -42,6 +42,7 @@ def test_bad_data_model_and_numbers(capsys, tmp_path, tiny_model_dir):
     one_line_error(capsys, ["family", "--model", str(tmp_path / "nomodel")], "not a directory")
     one_line_error(capsys, base + ["--tokens-per-stage", "many"], "not an integer")
     one_line_error(capsys, base + ["--objective", "mse"], "invalid choice")
+    one_line_error(capsys, base + ["--min-saving", "1"], "--min-saving", "must be in [0, 1)")
     one_line_error(capsys, base + ["--bogus"], "unrecognized")
     if not torch.cuda.is_available():
         one_line_error(capsys, base + ["--device", "cuda"], "CUDA is not available")

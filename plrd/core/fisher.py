@@ -112,8 +112,8 @@ def _sensitivity_pass(
 ) -> tuple[Grams, int]:
     """One forward and backward pass per batch with the output-gradient hooks on (and the input
     Gram hooks of ``inputs`` fed on the same forward); returns the output Grams and the number
-    of batches. Eval mode;
-    parameters' ``requires_grad`` and ``.grad`` and each module's mode are restored."""
+    of batches. Eval mode; parameters' ``requires_grad`` and ``.grad`` and each module's mode
+    are restored."""
     grams = Grams()
     params = list(model.parameters())
     flags = [(p, p.requires_grad, p.grad) for p in params]

@@ -121,7 +121,8 @@ class DecompositionReport:
         worst = max(ridges, key=ridges.get)
         return (
             f"note: {len(ridges)} layer(s) had a singular calibration Gram and were whitened with "
-            f"a Cholesky ridge (largest {ridges[worst]:.0e}·mean(diag) on {worst!r}): their "
-            "calibration inputs span fewer directions than the layer has inputs (dead features "
-            "or too few tokens); more calibration tokens give a more faithful whitening"
+            f"a Cholesky ridge (largest {ridges[worst]:.0e}·mean(diag) on {worst!r}): some "
+            "directions of their calibration inputs are missing or below float32 resolution "
+            "(dead features, too few tokens); a ridge up to 1e-06 only rounds those away, a "
+            "larger one says more calibration tokens would whiten more faithfully"
         )

@@ -150,6 +150,7 @@ def test_report_table_and_dict():
     assert sum(c["params_before"] for c in data["layers"]) < data["params_before"]
     assert report.ridges and all(r > 0 for r in report.ridges.values())
     assert "model.layers.0.mlp.down_proj" in report.ridges
+    assert "Cholesky ridge" in report.ridge_note() and "calibration tokens" in report.ridge_note()
 
 
 @pytest.mark.parametrize("keep", [0.0, -0.5, 1.5, float("nan"), True, "0.5"])

@@ -15,7 +15,10 @@ two skinny products run no faster than one dense one. Ranks are at least 1.
   rank steps move the total to the nearest reachable value.
 - Global: every singular component j of every layer has a cost σ_j²/(in+out): the (whitened)
   output error it adds per weight it saves. Components are dropped cheapest first, smallest σ of
-  each layer first, until the budget is met.
+  each layer first, until the budget is met. In a dense layer the drops above the threshold free
+  nothing until the one that crosses it, so they are priced together with it (``_layer_cuts``):
+  a layer is not cut to just below break-even, paying for every component above, to free a few
+  weights.
 """
 
 from __future__ import annotations
@@ -148,14 +151,52 @@ def _fix_up(specs: Sequence[LayerSpec], ranks: list[int], budget: int) -> list[i
     return ranks
 
 
-def _drop_order(specs: Sequence[LayerSpec], spectra: Mapping[str, torch.Tensor]) -> np.ndarray:
-    """Owner (index into ``specs``) of each droppable component, cheapest first.
+@dataclass(frozen=True)
+class _Cut:
+    """Consecutive components of one layer (``owner``, an index into the specs), dropped
+    smallest σ first: ``count`` of them, adding ``cost`` = Σσ² of (whitened) output error and
+    freeing ``saving`` weights."""
 
-    Layer i with descending σ_0 ≥ σ_1 ≥ … ≥ σ_{m−1} (m = max_rank) may drop components m−1 … 1
-    (never σ_0). Dropping σ_j adds σ_j² of (whitened) output error and saves in+out weights, so
-    its cost is σ_j²/(in+out). Returns an int array of length Σ(m_i − 1).
+    owner: int
+    count: int
+    cost: float
+    saving: int
+
+    def costlier_than(self, other: _Cut) -> bool:
+        """cost/saving ≥ other's (a cut freeing nothing is infinitely costly)."""
+        return self.cost * other.saving >= other.cost * self.saving
+
+
+def _layer_cuts(owner: int, spec: LayerSpec, sigma: np.ndarray) -> list[_Cut]:
+    """Layer ``owner``'s components m−1 … 1 (never σ_0), smallest σ first, grouped so that
+    each group costs strictly more per weight freed than the one before.
+
+    Dropping σ_j adds σ_j² of error and frees ``params_at(j + 1) − params_at(j)`` weights:
+    in+out below the threshold, but nothing above it in a dense layer, until the drop that
+    crosses it frees the rest. A drop that frees nothing is never worth taking alone, so it
+    is grouped with the ones after it, and any group costlier per weight than the next is
+    merged with it (the lower convex hull of error against weights freed): then a layer is
+    cut below break-even only when all it pays for that is worth the weights it frees.
     """
-    scores, owners = [], []
+    cuts: list[_Cut] = []
+    for j in range(spec.max_rank - 1, 0, -1):  # rank j + 1 → j
+        cut = _Cut(owner, 1, float(sigma[j]) ** 2, spec.params_at(j + 1) - spec.params_at(j))
+        while cuts and cuts[-1].costlier_than(cut):
+            earlier = cuts.pop()
+            cut = _Cut(
+                owner,
+                earlier.count + cut.count,
+                earlier.cost + cut.cost,
+                earlier.saving + cut.saving,
+            )
+        cuts.append(cut)
+    return [c for c in cuts if c.saving > 0]
+
+
+def _drop_order(specs: Sequence[LayerSpec], spectra: Mapping[str, torch.Tensor]) -> list[_Cut]:
+    """Every layer's cuts (``_layer_cuts``), cheapest per weight freed first; within a layer
+    the groups keep their order, since each costs more per weight than the one before."""
+    cuts = []
     for i, s in enumerate(specs):
         sigma = spectra[s.name].detach().double().cpu().numpy()
         if sigma.shape[0] < s.max_rank:
@@ -163,13 +204,9 @@ def _drop_order(specs: Sequence[LayerSpec], spectra: Mapping[str, torch.Tensor])
                 f"layer {s.name!r}: {sigma.shape[0]} singular values given, {s.max_rank} needed; "
                 "pass the whole spectrum of the layer's (whitened) weight"
             )
-        sigma = np.sort(np.abs(sigma[: s.max_rank]))[::-1]
-        # components j = max_rank-1 .. 1, smallest σ first (stable sort keeps this order on ties)
-        scores.append(sigma[1:][::-1] ** 2 / s.step)
-        owners.append(np.full(s.max_rank - 1, i, dtype=np.int64))
-    if not scores:
-        return np.zeros(0, dtype=np.int64)
-    return np.concatenate(owners)[np.argsort(np.concatenate(scores), kind="stable")]
+        cuts += _layer_cuts(i, s, np.sort(np.abs(sigma[: s.max_rank]))[::-1])
+    ratios = np.array([c.cost / c.saving for c in cuts], dtype=np.float64)
+    return [cuts[k] for k in np.argsort(ratios, kind="stable")]
 
 
 def global_ranks(
@@ -179,22 +216,27 @@ def global_ranks(
 
     ``spectra[name]`` holds the layer's singular values (whitened ones for output error), at
     least ``max_rank`` of them. Component j of a layer costs σ_j²/(in+out); components are
-    dropped cheapest first (never a layer's first) until the total is ≤ ``budget``; the last
-    drop is undone if that lands nearer. Returns name → new rank, or ``None`` for unchanged.
+    dropped cheapest first (never a layer's first; those that free nothing until the threshold
+    is crossed priced together with the drops that do, see ``_layer_cuts``) until the total is
+    ≤ ``budget``; the last drop is undone if that lands nearer. Returns name → new rank, or
+    ``None`` for unchanged.
     """
     if budget >= sum(s.weight_params for s in specs):
         return {s.name: None for s in specs}
     ranks = [s.max_rank for s in specs]
     total = previous = _total(specs, ranks)
     last = None
-    for i in _drop_order(specs, spectra):
+    for cut in _drop_order(specs, spectra):
+        i, s = cut.owner, specs[cut.owner]
+        for _ in range(cut.count):
+            if total <= budget:
+                break
+            before = s.params_at(ranks[i])
+            ranks[i] -= 1
+            previous, total = total, total - before + s.params_at(ranks[i])
+            last = i
         if total <= budget:
             break
-        s = specs[i]
-        before = s.params_at(ranks[i])
-        ranks[i] -= 1
-        previous, total = total, total - before + s.params_at(ranks[i])
-        last = i
     if last is not None and abs(budget - previous) < abs(budget - total):
         ranks[last] += 1
     return {s.name: s.resolve(r) for s, r in zip(specs, ranks, strict=True)}

@@ -161,3 +161,19 @@ def test_min_saving_leaves_no_layer_factored_near_break_even(allocate):
         assert rank * spec.step <= 0.7 * spec.weight_params, (spec, rank)
     total = sum(s.params_at(ranks[s.name] or s.threshold) for s in specs)
     assert abs(total - budget) <= max(s.step for s in specs) or total <= budget
+
+
+def test_global_prices_the_drops_above_break_even_with_the_one_that_crosses_it():
+    # dense 32x32 (break-even 16): dropping to rank 15 takes 17 components (0.81 each) to free
+    # 64 weights; the factored layer frees 64 per component at 1.0. Per component the dense
+    # layer looks cheaper (0.81/64 < 1/64), but its 16 drops above break-even free nothing:
+    # it pays 13.8 for what the factored layer gives for 1.0.
+    specs = [LayerSpec("dense", 32, 32), LayerSpec("factored", 32, 32, rank=10)]
+    spectra = {"dense": torch.full((32,), 0.9), "factored": torch.ones(10)}
+    budget = 1024 + 10 * 64 - 64
+    ranks = global_ranks(specs, spectra, budget)
+    assert ranks == {"dense": None, "factored": 9}
+    assert _total(specs, ranks) == budget
+    crossing = {"dense": 15, "factored": None}  # what counting each component alone chose
+    assert _total(specs, crossing) == budget
+    assert _dropped_error(specs, spectra, ranks) < _dropped_error(specs, spectra, crossing) / 10

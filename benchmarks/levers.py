@@ -32,6 +32,8 @@ LEVERS = {
     "global, corpus calibration": ["--allocation", "global"],
     "fisher, corpus calibration (default)": ["--allocation", "fisher"],
     "fisher, parent-written calibration": ["--allocation", "fisher", "--data", "self"],
+    "fisher, sequential calibration": ["--allocation", "fisher", "--calibration", "sequential"],
+    "fisher, sequential refit": ["--allocation", "fisher", "--calibration", "refit"],
 }
 TRAINED = {
     "uniform, lm (the first version's recipe)": ["--allocation", "uniform", "--objective", "lm"],

@@ -68,6 +68,7 @@ def run_decompose(args: argparse.Namespace) -> dict:
         cfg.eval_batch_size,
         cfg.progress,
         cfg.min_saving,
+        cfg.calibration,
     )
     print(report)
     entry: dict = {
@@ -78,6 +79,7 @@ def run_decompose(args: argparse.Namespace) -> dict:
         "method": cfg.method,
         "allocation": cfg.allocation,
         "min_saving": cfg.min_saving,
+        "calibration": cfg.calibration,
         "calibration_tokens": int(calib.numel()),
         "seconds": 0.0,
     }

@@ -321,34 +321,39 @@ def check_batch(index: int, batch: Any) -> None:
         )
 
 
+@contextmanager
+def evaluation_pass(model: nn.Module) -> Iterator[None]:
+    """Eval mode (dropout off: the Grams describe the inputs the model really computes) and no
+    autograd; every module's training flag is restored on exit, even when a forward raises."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 def _run_batches(
     model: nn.Module,
     batches: Iterable[Tensor | Mapping[str, Any]],
     collector: GramCollector,
     progress: bool,
 ) -> int:
-    """Run every batch through ``model`` in eval mode, no autograd; return the count.
-
-    Every module's training flag is restored even when a forward raises.
-    """
+    """Run every batch through ``model`` (see :func:`evaluation_pass`); return the count."""
     device = model_device(model)
-    modes = {m: m.training for m in model.modules()}
     count = 0
-    try:
-        model.eval()  # dropout off: the Grams describe the inputs the model really computes
-        with torch.no_grad():
-            for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
-                check_batch(count, batch)
-                collector.start_forward()
-                batch = to_device(batch, device)
-                if isinstance(batch, Mapping):
-                    model(**batch)
-                else:
-                    model(batch)
-                count += 1
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with evaluation_pass(model):
+        for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
+            check_batch(count, batch)
+            collector.start_forward()
+            batch = to_device(batch, device)
+            if isinstance(batch, Mapping):
+                model(**batch)
+            else:
+                model(batch)
+            count += 1
     return count
 
 

@@ -19,8 +19,6 @@ layer's dtype, until the ranks are known: at most the size of the targeted weigh
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -29,8 +27,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from plrd.core.budget import Budget
-from plrd.core.checks import check_finite, check_gram, check_weight
+from plrd.core.checks import check_gram
 from plrd.core.counting import count_parameters
+from plrd.core.decompose_args import (
+    check_arguments,
+    check_layers,
+    check_min_saving,
+    check_output_grams,
+    check_reachable,
+)
 from plrd.core.factorize import (
     Whitening,
     cholesky_factor,
@@ -43,139 +48,8 @@ from plrd.core.layer import LowRankLinear
 from plrd.core.ranks import global_ranks, uniform_ranks
 from plrd.core.report import DecompositionReport, LayerChange
 from plrd.core.targets import Patterns, find_targets
-from plrd.errors import InputError
-
-METHODS = ("whiten", "svd")
-ALLOCATIONS = ("uniform", "global", "fisher")
 
 __all__ = ["decompose", "DecompositionReport", "LayerChange"]
-
-
-# --- checks -----------------------------------------------------------------------------------
-
-
-def _check_keep(keep: float) -> float:
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
-        raise InputError(f"keep must be a number in (0, 1], got {keep!r}")
-    keep = float(keep)
-    if not math.isfinite(keep) or not 0.0 < keep <= 1.0:
-        raise InputError(
-            f"keep={keep!r} is outside (0, 1]; pass the fraction of the model's current "
-            f"parameters to keep, e.g. keep=0.8"
-        )
-    return keep
-
-
-def _check_arguments(
-    model: nn.Module, keep: float, grams: object, method: str, allocation: str
-) -> float:
-    """Check decompose's arguments other than the layers; return ``keep`` as a float."""
-    if not isinstance(model, nn.Module):
-        raise InputError(
-            f"decompose needs a torch.nn.Module as model, got {type(model).__name__}; pass the "
-            "model object itself"
-        )
-    if grams is not None and not isinstance(grams, Mapping):
-        raise InputError(
-            f"grams must map layer names to Gram matrices (plrd.collect_grams output), got "
-            f"{type(grams).__name__}; pass grams=plrd.collect_grams(model, batches)"
-        )
-    keep = _check_keep(keep)
-    if method not in METHODS:
-        raise InputError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}")
-    if allocation not in ALLOCATIONS:
-        raise InputError(
-            f"allocation={allocation!r} is unknown; choose one of {', '.join(ALLOCATIONS)}"
-        )
-    return keep
-
-
-def _check_min_saving(min_saving: float) -> None:
-    if (
-        isinstance(min_saving, bool)
-        or not isinstance(min_saving, numbers.Real)
-        or not 0.0 <= float(min_saving) < 1.0
-    ):
-        raise InputError(
-            f"min_saving must be a fraction in [0, 1), got {min_saving!r}; 0 factors a layer "
-            "wherever that saves a parameter, 0.2 only where it saves a fifth of its weights"
-        )
-
-
-def _check_grams_present(layers: Mapping[str, nn.Module], grams: Mapping | None) -> None:
-    if grams is None:
-        raise InputError(
-            "method='whiten' needs the layers' input Gram matrices: call "
-            "grams = plrd.collect_grams(model, batches) first and pass grams=grams, "
-            "or use method='svd' (plain SVD, usually much worse for LLMs)"
-        )
-    missing = [n for n in layers if n not in grams]
-    if missing:
-        raise InputError(
-            f"no Gram matrix for {len(missing)} targeted layer(s), e.g. {missing[0]!r}; "
-            "collect the grams with the same targets/exclude as decompose "
-            "(plrd.collect_grams(model, batches, targets=..., exclude=...))"
-        )
-
-
-def _check_layers(
-    layers: Mapping[str, nn.Module], grams: Mapping[str, Tensor] | None, method: str
-) -> None:
-    """Weights finite and materialised; for ``whiten``, a well-formed Gram per layer (a Gram
-    shared by several layers is checked once)."""
-    if method == "whiten":
-        _check_grams_present(layers, grams)
-    checked: set[tuple[int, int]] = set()
-    for name, module in layers.items():
-        if is_lowrank(module):
-            check_weight(module.up.detach(), "up", name)
-            check_weight(module.down.detach(), "down", name)
-        else:
-            check_weight(dense_weight(module).detach(), "weight", name)
-        bias = getattr(module, "bias", None)
-        if bias is not None:
-            check_finite(bias.detach(), "bias", name)
-        if method == "whiten":
-            gram, n_in = grams[name], layer_shape(module)[0]
-            if (id(gram), n_in) not in checked:
-                check_gram(gram, n_in, name)
-                checked.add((id(gram), n_in))
-
-
-def _check_output_grams(
-    layers: Mapping[str, nn.Module], output_grams: Mapping | None, allocation: str
-) -> None:
-    if allocation != "fisher":
-        return
-    if output_grams is None:
-        raise InputError(
-            "allocation='fisher' needs output_grams: pass "
-            "output_grams=plrd.collect_output_grams(model, batches)"
-        )
-    for name, module in layers.items():
-        gram = output_grams.get(name)
-        out = layer_shape(module)[1]
-        if not isinstance(gram, Tensor) or tuple(gram.shape) != (out, out):
-            shape = tuple(gram.shape) if isinstance(gram, Tensor) else gram
-            raise InputError(
-                f"layer {name!r}: output_grams needs a [{out}, {out}] Gram, got {shape}; "
-                "collect them on this model with plrd.collect_output_grams"
-            )
-        check_finite(gram, "output Gram", name)
-
-
-def _check_reachable(keep: float, budget: Budget) -> int:
-    """``round(keep·N)``, the target parameter count; InputError when it is below reach."""
-    target = round(keep * budget.total)
-    if target < budget.smallest:
-        raise InputError(
-            f"keep={keep:g} is unreachable: {budget.total:,} parameters now, target "
-            f"{target:,}, but with rank 1 in all {len(budget.specs)} targeted layers the model "
-            f"still has {budget.smallest:,} (the untargeted parameters alone are "
-            f"{budget.fixed:,}); the smallest reachable keep is "
-            f"{budget.smallest_fraction:.4f}: raise keep or target more layers"
-        )
-    return target
 
 
 # --- factors ----------------------------------------------------------------------------------
@@ -333,6 +207,104 @@ def _changes(
 # --- decompose --------------------------------------------------------------------------------
 
 
+@dataclass
+class PlannedDecomposition:
+    """What :func:`plan_decomposition` decided before any module is swapped: the targeted
+    layers, the parameter budget, each layer's new rank, and the factors and whitenings
+    computed on the way. :meth:`new_layers` builds the replacements from the planning Grams;
+    :meth:`refit_layer` builds one from other Grams (``plrd.core.sequential``)."""
+
+    keep: float
+    method: str
+    allocation: str
+    layers: dict[str, nn.Module]
+    budget: Budget
+    target: int
+    plan: _Plan
+    whitenings: _Whitenings
+
+    @property
+    def changes(self) -> dict[str, int]:
+        """``{layer name: new rank}`` of the layers whose rank changes."""
+        return {n: r for n, r in self.plan.ranks.items() if r is not None}
+
+    def new_layers(self, names: list[str] | None = None, progress: bool = False) -> dict:
+        """``{name: LowRankLinear}`` for ``names`` (default: every changing layer)."""
+        plan = self.plan
+        if names is not None:
+            keep = set(names)
+            plan = _Plan(
+                {n: r for n, r in plan.ranks.items() if n in keep}, plan.cached, plan.ridges
+            )
+        return _replacements(self.layers, plan, self.whitenings, progress)
+
+    def refit_layer(
+        self, name: str, gram: Tensor, weight_map: Tensor | None = None
+    ) -> LowRankLinear:
+        """The new layer of ``name`` at its planned rank, whitened by ``gram`` (Σ xᵀx of the
+        inputs it will see) and, with ``weight_map`` A [in, in], approximating W·A instead of W
+        (see ``plrd.core.factorize.refit_map``)."""
+        module, rank = self.layers[name], self.changes[name]
+        check_gram(gram, layer_shape(module)[0], name)
+        white = Whitening(*cholesky_factor(gram.to(_weight(module).device), name))
+        self.plan.cached.pop(name, None)
+        if weight_map is None:
+            _, up, down = _factors(module, rank, white, name)
+        elif is_lowrank(module):
+            moved = module.down.detach().double() @ weight_map.to(module.down.device)
+            _, up, down = lowrank_spectral_factors(module.up.detach(), moved, rank, white, name)
+        else:
+            moved = dense_weight(module).detach().double() @ weight_map.to(_weight(module).device)
+            _, up, down = spectral_factors(moved, rank, white, name)
+        like = _weight(module)
+        new = _new_layer(module, up.to(like.dtype), down.to(like.dtype), white)
+        self.plan.ridges[name] = new.ridge
+        return new
+
+    def report(
+        self, model: nn.Module, new_modules: Mapping[str, LowRankLinear]
+    ) -> DecompositionReport:
+        """The report of ``model`` once ``new_modules`` are in place."""
+        return DecompositionReport(
+            keep=self.keep,
+            method=self.method,
+            allocation=self.allocation,
+            params_before=self.budget.total,
+            params_after=count_parameters(model),
+            target_params=self.target,
+            layers=_changes(self.layers, self.budget, new_modules, self.plan.ridges),
+        )
+
+
+def plan_decomposition(
+    model: nn.Module,
+    keep: float,
+    targets: Patterns = None,
+    exclude: Patterns = None,
+    grams: Mapping[str, Tensor] | None = None,
+    allocation: str = "uniform",
+    method: str = "whiten",
+    progress: bool = True,
+    output_grams: Mapping[str, Tensor] | None = None,
+    min_saving: float = 0.0,
+) -> PlannedDecomposition:
+    """Check :func:`decompose`'s arguments and choose every layer's rank; the model is not
+    touched. Arguments and errors as :func:`decompose`."""
+    keep = check_arguments(model, keep, grams, method, allocation)
+    check_min_saving(min_saving)
+    layers = find_targets(model, targets, exclude)
+    check_layers(layers, grams, method)
+    check_output_grams(layers, output_grams, allocation)
+    budget = Budget.of(model, layers, float(min_saving))
+    target = check_reachable(keep, budget)
+    layer_grams = {n: grams[n] for n in layers} if method == "whiten" else dict.fromkeys(layers)
+    whitenings = _Whitenings(layer_grams)
+    plan = _allocate(layers, budget, target, allocation, whitenings, output_grams, progress)
+    return PlannedDecomposition(
+        keep, method, allocation, dict(layers), budget, target, plan, whitenings
+    )
+
+
 def decompose(
     model: nn.Module,
     keep: float,
@@ -374,27 +346,10 @@ def decompose(
     Gram matrices, or non-finite weights (naming the layer); the model is unchanged when it
     raises.
     """
-    keep = _check_arguments(model, keep, grams, method, allocation)
-    _check_min_saving(min_saving)
-    layers = find_targets(model, targets, exclude)
-    _check_layers(layers, grams, method)
-    _check_output_grams(layers, output_grams, allocation)
-    budget = Budget.of(model, layers, float(min_saving))
-    target = _check_reachable(keep, budget)
-
-    layer_grams = {n: grams[n] for n in layers} if method == "whiten" else dict.fromkeys(layers)
-    whitenings = _Whitenings(layer_grams)
-    plan = _allocate(layers, budget, target, allocation, whitenings, output_grams, progress)
-    new_modules = _replacements(layers, plan, whitenings, progress)
-    rows = _changes(layers, budget, new_modules, plan.ridges)
+    planned = plan_decomposition(
+        model, keep, targets, exclude, grams, allocation, method, progress, output_grams, min_saving
+    )
+    new_modules = planned.new_layers(progress=progress)
     for name, new in new_modules.items():
         set_submodule(model, name, new)
-    return DecompositionReport(
-        keep=keep,
-        method=method,
-        allocation=allocation,
-        params_before=budget.total,
-        params_after=count_parameters(model),
-        target_params=target,
-        layers=rows,
-    )
+    return planned.report(model, new_modules)

@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from plrd.core.surgery import ALLOCATIONS, METHODS
+from plrd.core.sequential import CALIBRATIONS
+from plrd.core.decompose_args import ALLOCATIONS, METHODS
 from plrd.family import options
 from plrd.family.options import AtLeast, Between, Check, option
 
@@ -208,6 +209,16 @@ class FamilyConfig:
         "factor a layer only where that saves at least this fraction of its weights (0: "
         "wherever it saves any; near break-even two skinny products run no faster than one)",
         check=Between(0, 1, low_open=False),
+        commands=BUILDS,
+        recipe=True,
+    )
+    calibration: str = option(
+        "uncut",
+        "uncut: whiten every layer with the Grams of the model before the cut; sequential: "
+        "cut block by block, each layer whitened on the inputs the cut blocks before it "
+        "produce; refit: as sequential, each layer fitted in closed form to reproduce the "
+        "uncut layer's outputs",
+        choices=CALIBRATIONS,
         commands=BUILDS,
         recipe=True,
     )

@@ -25,7 +25,9 @@ from torch import Tensor
 from plrd.core.calibrate import collect_grams
 from plrd.core.counting import count_parameters, format_params
 from plrd.core.fisher import collect_both_grams, collect_output_grams
-from plrd.core.surgery import DecompositionReport, decompose
+from plrd.core.kinds import set_submodule
+from plrd.core.sequential import decompose_sequentially
+from plrd.core.surgery import DecompositionReport, plan_decomposition
 from plrd.errors import DamagedFileError
 from plrd.family import distributed
 from plrd.family.card import CARD_FILE, member_card
@@ -102,16 +104,20 @@ def calibrate_and_decompose(
     batch_size: int = 8,
     progress: bool = True,
     min_saving: float = 0.0,
+    calibration: str = "uncut",
 ) -> DecompositionReport:
     """Grams on ``calib`` blocks [N, T] (input Grams to whiten; output-gradient Grams for
-    ``fisher``), then ``plrd.decompose`` in place (``min_saving`` as there).
+    ``fisher``), ranks from them, then the cut in place: with those Grams of the uncut model
+    (``calibration="uncut"``, as ``plrd.decompose``), or block by block on the cut model's
+    inputs (``"sequential"``, ``"refit"``: ``plrd.core.sequential``). ``min_saving`` as in
+    ``plrd.decompose``.
 
     Data parallel: each rank collects Grams on its shard of ``calib`` and they are summed over
     the ranks (all ranks use all blocks when there are fewer blocks than ranks), so every rank
     decomposes identically; the resulting ranks are checked to agree.
     """
     split = distributed.world_size() > 1 and len(calib) >= distributed.world_size()
-    batches = (distributed.shard(calib) if split else calib).split(batch_size)
+    batches = list((distributed.shard(calib) if split else calib).split(batch_size))
     grams = output_grams = None
     if method == "whiten" and allocation == "fisher":
         grams, output_grams = collect_both_grams(model, batches, progress=progress)
@@ -119,11 +125,12 @@ def calibrate_and_decompose(
         grams = collect_grams(model, batches, progress=progress)
     elif allocation == "fisher":
         output_grams = collect_output_grams(model, batches, progress=progress)
-    if split:
+    reduce = distributed.all_reduce_grams if split else None
+    if reduce is not None:
         for collected in (grams, output_grams):
             if collected is not None:
-                distributed.all_reduce_grams(collected)
-    report = decompose(
+                reduce(collected)
+    planned = plan_decomposition(
         model,
         keep,
         grams=grams,
@@ -133,6 +140,16 @@ def calibrate_and_decompose(
         output_grams=output_grams,
         min_saving=min_saving,
     )
+    if calibration == "uncut":
+        new_modules = planned.new_layers(progress=progress)
+        for name, new in new_modules.items():
+            set_submodule(model, name, new)
+        report = planned.report(model, new_modules)
+    else:
+        refit = calibration == "refit"
+        report = decompose_sequentially(
+            model, planned, batches, refit, progress=progress, reduce=reduce
+        )
     ranks = [(row.name, row.rank_after) for row in report.layers]
     distributed.same_on_all_ranks(ranks, "the decomposition's ranks")
     return report
@@ -272,6 +289,7 @@ def decompose_stage(
         cfg.eval_batch_size,
         cfg.progress and run.main,
         cfg.min_saving,
+        cfg.calibration,
     )
     distributed.on_main(write_text, paths.stage_dir / REPORT_FILE, f"{report}\n")
     zero = evaluate_sharded(model, run.eval_blocks, cfg.eval_batch_size, timing_repeats=0)

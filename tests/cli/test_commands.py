@@ -134,9 +134,11 @@ def test_family_decompose_eval_info_commands(capsys, tmp_path, tiny_model_dir, c
     assert manifest["members"][0]["tokens"] == 64
 
     member = tmp_path / "one"
-    assert main(["decompose", "--size", "0.7", "--out", str(member), *common]) == 0
+    refit = ["--calibration", "refit"]
+    assert main(["decompose", "--size", "0.7", "--out", str(member), *refit, *common]) == 0
     entry = json.loads((member / "member.json").read_text())
     assert entry["params"] < 0.72 * entry["source_params"]
+    assert entry["calibration"] == "refit"
     capsys.readouterr()
 
     eval_common = [

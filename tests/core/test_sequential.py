@@ -1,0 +1,146 @@
+"""Sequential calibration and refit: block-by-block cuts on tiny HF models, and their math."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import plrd
+from plrd.core.factorize import refit_map
+from plrd.core.sequential import REFIT_DAMPING, decompose_sequentially, find_blocks
+from plrd.core.surgery import plan_decomposition
+from plrd.errors import InputError
+from tests.helpers import logits
+from tests.tiny_models import TINY_MODELS, tiny_llama, token_batches
+
+KEEP = 0.6
+
+
+def _cut(model, calibration, batches, damping=REFIT_DAMPING):
+    """``model`` cut to KEEP (uniform ranks) with the uncut model's Grams or block by block."""
+    grams = plrd.collect_grams(model, batches, progress=False)
+    planned = plan_decomposition(model, KEEP, grams=grams, progress=False)
+    if calibration == "uncut":
+        return plrd.decompose(model, KEEP, grams=grams, progress=False)
+    refit = calibration == "refit"
+    return decompose_sequentially(model, planned, batches, refit, damping, progress=False)
+
+
+def _inputs(model, name, batches):
+    """Rows [tokens, in] that layer ``name`` of ``model`` reads on ``batches``."""
+    seen = []
+    layer = model.get_submodule(name)
+    handle = layer.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]))
+    )
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    handle.remove()
+    return torch.cat(seen).double()
+
+
+def _weight(layer):
+    if isinstance(layer, plrd.LowRankLinear):
+        return layer.dense_weight().double()
+    return layer.weight.detach().double()
+
+
+LAST = "model.layers.1.mlp.down_proj"
+
+
+def test_refit_map_is_the_identity_when_the_inputs_did_not_change():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=g, dtype=torch.float64)
+    gram = x.T @ x
+    assert torch.allclose(refit_map(gram, gram, 0.01), torch.eye(8, dtype=torch.float64))
+
+
+def test_refit_map_solves_the_least_squares_fit_to_the_uncut_outputs():
+    g = torch.Generator().manual_seed(1)
+    x_p = torch.randn(300, 6, generator=g, dtype=torch.float64)
+    x_c = x_p + 0.3 * torch.randn(300, 6, generator=g, dtype=torch.float64)
+    weight = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    fitted = weight @ refit_map(x_c.T @ x_c, x_p.T @ x_c, 1e-12)
+    best = torch.linalg.lstsq(x_c, x_p @ weight.T).solution.T
+    assert torch.allclose(fitted, best, atol=1e-8)
+    # damping pulls the map back towards W
+    damped = weight @ refit_map(x_c.T @ x_c, x_p.T @ x_c, 1e6)
+    assert (damped - weight).norm() < 1e-3 * (fitted - weight).norm()
+
+
+@pytest.mark.parametrize("calibration", ["sequential", "refit"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_block_by_block_cut_keeps_the_planned_ranks_and_a_working_model(arch, calibration):
+    batches = token_batches(count=4, batch=2, length=16)
+    model, reference = TINY_MODELS[arch](), TINY_MODELS[arch]()
+    report = _cut(model, calibration, batches)
+    expected = _cut(reference, "uncut", batches)
+    assert [r.rank_after for r in report.layers] == [r.rank_after for r in expected.layers]
+    assert report.params_after == expected.params_after == plrd.count_parameters(model)
+    assert torch.isfinite(logits(model, batches[0])).all()
+
+
+def test_the_first_layers_are_cut_as_from_the_uncut_model_and_later_ones_differ():
+    batches = token_batches(count=4, batch=2, length=16)
+    uncut, sequential = tiny_llama(), tiny_llama()
+    _cut(uncut, "uncut", batches)
+    _cut(sequential, "sequential", batches)
+    first = "model.layers.0.self_attn.q_proj"  # its inputs do not depend on any cut layer
+    assert torch.allclose(
+        _weight(uncut.get_submodule(first)), _weight(sequential.get_submodule(first))
+    )
+    assert not torch.allclose(
+        _weight(uncut.get_submodule(LAST)), _weight(sequential.get_submodule(LAST))
+    )
+
+
+def test_sequential_layers_fit_the_inputs_the_cut_model_gives_them_better():
+    batches = token_batches(count=4, batch=2, length=16)
+    dense = tiny_llama()
+    weight = _weight(dense.get_submodule(LAST))
+    uncut, sequential = copy.deepcopy(dense), copy.deepcopy(dense)
+    _cut(uncut, "uncut", batches)
+    _cut(sequential, "sequential", batches)
+    x_c = _inputs(sequential, LAST, batches)  # what the last layer reads once all is cut
+
+    def error(model):
+        return float(((x_c @ (weight - _weight(model.get_submodule(LAST))).T) ** 2).sum())
+
+    assert error(sequential) < error(uncut)
+
+
+def test_refit_layers_come_closer_to_the_uncut_outputs():
+    batches = token_batches(count=4, batch=2, length=16)
+    dense = tiny_llama()
+    weight = _weight(dense.get_submodule(LAST))
+    x_p = _inputs(dense, LAST, batches)
+    sequential, refit = copy.deepcopy(dense), copy.deepcopy(dense)
+    _cut(sequential, "sequential", batches)
+    _cut(refit, "refit", batches)
+
+    def error(model):
+        x_c = _inputs(model, LAST, batches)
+        return float(((x_c @ _weight(model.get_submodule(LAST)).T - x_p @ weight.T) ** 2).sum())
+
+    assert error(refit) < error(sequential)
+
+
+def test_a_model_without_blocks_is_refused_in_one_line():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    batches = [torch.randn(8, 16) for _ in range(2)]
+    grams = plrd.collect_grams(model, batches, targets=["0", "2"], progress=False)
+    planned = plan_decomposition(model, 0.5, targets=["0", "2"], grams=grams, progress=False)
+    with pytest.raises(InputError, match="nn.ModuleList of blocks"):
+        decompose_sequentially(model, planned, batches, progress=False)
+    assert find_blocks(tiny_llama(), ["model.layers.1.mlp.up_proj"])[1].layers == [
+        "model.layers.1.mlp.up_proj"
+    ]
+
+
+def test_plain_svd_cannot_be_cut_sequentially():
+    model = tiny_llama()
+    planned = plan_decomposition(model, KEEP, method="svd", progress=False)
+    with pytest.raises(InputError, match="needs method='whiten'"):
+        decompose_sequentially(model, planned, token_batches(), progress=False)

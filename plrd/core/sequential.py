@@ -48,7 +48,12 @@ module."""
 REFIT_DAMPING = 0.01
 """λ of ``refit_map`` relative to mean(diag G): how far the refit may move from W."""
 
-_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")
+_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def _is_cache(value: Any) -> bool:
+    """A key/value cache object (Hugging Face ``Cache`` subclasses and the like)."""
+    return type(value).__name__.endswith("Cache")
 
 
 class _Stop(Exception):
@@ -67,10 +72,11 @@ class _Call:
 
     @classmethod
     def of(cls, block: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
-        kwargs = dict(kwargs)
-        for key in _CACHE_ARGUMENTS:
-            if key in kwargs:
-                kwargs[key] = None  # a block run many times must not grow a KV cache
+        # a block run many times must not grow a KV cache
+        args = tuple(None if _is_cache(a) else a for a in args)
+        kwargs = {
+            k: None if k in _CACHE_ARGUMENTS or _is_cache(v) else v for k, v in kwargs.items()
+        }
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         if args and isinstance(args[0], Tensor):

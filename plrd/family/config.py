@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from plrd.core.sequential import CALIBRATIONS
 from plrd.core.decompose_args import ALLOCATIONS, METHODS
+from plrd.core.sequential import CALIBRATIONS
 from plrd.family import options
 from plrd.family.options import AtLeast, Between, Check, option
 

@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LowRankLinear": "plrd.core.layer",
     "decompose": "plrd.core.surgery",
+    "plan_decomposition": "plrd.core.surgery",
+    "decompose_sequentially": "plrd.core.sequential",
     "DecompositionReport": "plrd.core.surgery",
     "count_parameters": "plrd.core.counting",
     "collect_grams": "plrd.core.calibrate",

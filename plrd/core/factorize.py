@@ -216,29 +216,28 @@ def truncate_factors(
     return (new_up, new_down), 0.0 if white is None else white.ridge
 
 
-def refit_map(gram: Tensor, cross: Tensor, damping: float) -> Tensor:
-    """A = (C + λI)(G + λI)⁻¹ [in, in], float64, with λ = ``damping``·mean(diag G).
+def refit_up(
+    down: Tensor, up: Tensor, weight_cross: Tensor, gram: Tensor, damping: float
+) -> Tensor:
+    """up' [out, r] = (W C downᵀ + λ up)(down G downᵀ + λ I)⁻¹, float64, with ``down`` fixed.
 
-    For a layer W whose inputs in the uncut model are x_p and in the partly cut model x_c
-    (same tokens), G = Σ x_c x_cᵀ and C = Σ x_p x_cᵀ. With λ = 0, M = W·A minimises
-    Σ‖M x_c − W x_p‖²: the layer that best reproduces the uncut outputs from the inputs it will
-    really see, and the best rank-r such layer is the whitened rank-r approximation of W·A
-    (G-whitened). λ shrinks A towards I (no correction), so that directions the calibration
-    tokens barely excite are not fitted to noise.
+    For a layer W whose inputs in the uncut model are x_p and in the partly cut model x_c (same
+    tokens), G = Σ x_c x_cᵀ [in, in] and C = Σ x_p x_cᵀ; ``weight_cross`` = W C [out, in]. Then
+    up' minimises Σ‖up'·down x_c − W x_p‖² + λ‖up' − up‖²: the factored layer that, from the
+    inputs it will really see, best reproduces what the uncut layer computed (SVD-LLM's update
+    of ``up``). λ = ``damping``·mean(diag(down G downᵀ)) keeps it near ``up`` where the
+    calibration tokens say little.
     """
-    g, c = gram.double(), cross.double()
-    if g.shape != c.shape or g.dim() != 2 or g.shape[0] != g.shape[1]:
-        raise InputError(
-            f"refit_map needs a square Gram and a cross-Gram of the same shape, got "
-            f"{tuple(g.shape)} and {tuple(c.shape)}"
-        )
-    if not damping > 0 or not math.isfinite(damping):
-        raise InputError(f"damping must be a positive number, got {damping!r}")
-    scale = float(g.diagonal().mean().abs()) or 1.0
-    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-    lower, _ = cholesky_factor(0.5 * (g + g.T) + damping * scale * eye)
-    # A = (C + λI) G_λ⁻¹  ⇔  G_λ Aᵀ = (C + λI)ᵀ  (G_λ symmetric)
-    return torch.cholesky_solve((c + damping * scale * eye).T, lower).T
+    d = down.double()
+    gram_z = d @ gram.double().to(d.device) @ d.T
+    target = weight_cross.double().to(d.device) @ d.T
+    if not damping >= 0 or not math.isfinite(damping):
+        raise InputError(f"damping must be a number >= 0, got {damping!r}")
+    scale = float(gram_z.diagonal().mean().abs()) or 1.0
+    ridge = damping * scale
+    eye = torch.eye(gram_z.shape[0], dtype=gram_z.dtype, device=gram_z.device)
+    # up' (A + λI) = B + λ up  ⇔  (A + λI) up'ᵀ = (B + λ up)ᵀ  (A symmetric)
+    return torch.linalg.solve(gram_z + ridge * eye, (target + ridge * up.double()).T).T
 
 
 def init_factors_(up: Tensor, down: Tensor) -> None:

@@ -10,11 +10,11 @@ the inputs x_c that the cut blocks and groups before it produce:
 
 * ``sequential``: each layer is the best rank-r approximation of W on its new inputs (whitened
   by G instead of the uncut model's Gram);
-* ``refit``: each layer approximates W·A instead, A = ``refit_map(G, C)`` with the cross-Gram
-  C = Σ x_p x_cᵀ against its inputs x_p in the uncut model: in closed form, the rank-r layer
-  whose outputs on x_c come closest to the uncut layer's outputs W x_p (SVD-LLM's update, fitted
-  to the uncut model rather than to the layer's own inputs). The errors of earlier layers are
-  corrected where they can be.
+* ``refit``: each layer keeps the subspace ``down`` that the uncut model's Gram gives it, and its
+  ``up`` is solved in closed form (``plrd.core.factorize.refit_up``) so that, from the inputs
+  x_c it now sees, it reproduces the uncut layer's outputs W x_p as closely as it can: with
+  the cross-Gram C = Σ x_p x_cᵀ, up = W C downᵀ (down G downᵀ)⁻¹ (SVD-LLM's update, fitted to
+  the uncut model). The errors of earlier layers are corrected where they can be.
 
 The ranks are those ``plrd.core.surgery.plan_decomposition`` chose on the uncut model's Grams;
 only the factors change. Layers outside the blocks are factored from those Grams as usual.
@@ -35,7 +35,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from plrd.core.calibrate import check_batch, evaluation_pass, gram_product, model_device, to_device
-from plrd.core.factorize import refit_map
 from plrd.core.kinds import layer_shape, set_submodule
 from plrd.core.report import DecompositionReport
 from plrd.core.surgery import PlannedDecomposition
@@ -46,7 +45,7 @@ CALIBRATIONS = ("uncut", "sequential", "refit")
 module."""
 
 REFIT_DAMPING = 0.01
-"""λ of ``refit_map`` relative to mean(diag G): how far the refit may move from W."""
+"""λ of ``refit_up`` relative to mean(diag(down G downᵀ)): how far the refit may move ``up``."""
 
 _CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
@@ -207,10 +206,12 @@ def _groups(order: list[tuple[str, tuple]]) -> list[list[str]]:
 def _call_order(layers: Mapping[str, nn.Module], block: nn.Module, call: _Call) -> list[list[str]]:
     """The groups of ``layers`` in one forward of ``block`` (see :func:`_groups`)."""
     order: list[tuple[str, tuple]] = []
+    alive: list[Tensor] = []  # a freed input's memory could be reused for the next one
 
     def seen(name: str, x: Tensor) -> None:
         if name not in {n for n, _ in order}:
-            order.append((name, (x.data_ptr(), tuple(x.shape))))
+            alive.append(x)
+            order.append((name, (x.data_ptr(), tuple(x.shape), x.stride())))
 
     with _input_hooks(layers, seen):
         call.run(block, call.hidden)
@@ -312,10 +313,13 @@ def decompose_sequentially(
                 gram, cross = _group_grams(first, layers[first], block.module, calls, cut, inputs)
                 if reduce is not None:
                     reduce({"gram": gram} | ({} if cross is None else {"cross": cross}))
-                weight_map = None if cross is None else refit_map(gram, cross, damping)
                 for name in group:
-                    new_modules[name] = planned.refit_layer(name, gram, weight_map)
-                    set_submodule(model, name, new_modules[name])
+                    if cross is None:
+                        new = planned.rewhitened_layer(name, gram)
+                    else:
+                        new = planned.refitted_layer(name, gram, cross, damping)
+                    new_modules[name] = new
+                    set_submodule(model, name, new)
             cut = [c.run(block.module, h) for c, h in zip(calls, cut, strict=True)]
     for name, new in new_modules.items():
         set_submodule(model, name, new)

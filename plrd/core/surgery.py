@@ -40,6 +40,7 @@ from plrd.core.factorize import (
     Whitening,
     cholesky_factor,
     lowrank_spectral_factors,
+    refit_up,
     spectral_factors,
 )
 from plrd.core.fisher import by_loss, fisher_spectrum
@@ -238,27 +239,35 @@ class PlannedDecomposition:
             )
         return _replacements(self.layers, plan, self.whitenings, progress)
 
-    def refit_layer(
-        self, name: str, gram: Tensor, weight_map: Tensor | None = None
-    ) -> LowRankLinear:
+    def rewhitened_layer(self, name: str, gram: Tensor) -> LowRankLinear:
         """The new layer of ``name`` at its planned rank, whitened by ``gram`` (Σ xᵀx of the
-        inputs it will see) and, with ``weight_map`` A [in, in], approximating W·A instead of W
-        (see ``plrd.core.factorize.refit_map``)."""
+        inputs it will see) instead of the planning Gram."""
         module, rank = self.layers[name], self.changes[name]
         check_gram(gram, layer_shape(module)[0], name)
         white = Whitening(*cholesky_factor(gram.to(_weight(module).device), name))
         self.plan.cached.pop(name, None)
-        if weight_map is None:
-            _, up, down = _factors(module, rank, white, name)
-        elif is_lowrank(module):
-            moved = module.down.detach().double() @ weight_map.to(module.down.device)
-            _, up, down = lowrank_spectral_factors(module.up.detach(), moved, rank, white, name)
-        else:
-            moved = dense_weight(module).detach().double() @ weight_map.to(_weight(module).device)
-            _, up, down = spectral_factors(moved, rank, white, name)
+        _, up, down = _factors(module, rank, white, name)
         like = _weight(module)
         new = _new_layer(module, up.to(like.dtype), down.to(like.dtype), white)
         self.plan.ridges[name] = new.ridge
+        return new
+
+    def refitted_layer(
+        self, name: str, gram: Tensor, cross: Tensor, damping: float
+    ) -> LowRankLinear:
+        """The planned layer of ``name`` with its ``up`` refitted to the uncut layer's outputs
+        (``plrd.core.factorize.refit_up``; ``gram`` = Σ x_c x_cᵀ, ``cross`` = Σ x_p x_cᵀ)."""
+        new = self.new_layers([name])[name]
+        module = self.layers[name]
+        check_gram(gram, layer_shape(module)[0], name)
+        cross = cross.to(new.up.device).double()
+        if is_lowrank(module):
+            weight_cross = module.up.detach().double() @ (module.down.detach().double() @ cross)
+        else:
+            weight_cross = dense_weight(module).detach().double() @ cross
+        up = refit_up(new.down.detach(), new.up.detach(), weight_cross, gram, damping)
+        with torch.no_grad():
+            new.up.copy_(up)
         return new
 
     def report(

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import plrd
-from plrd.core.factorize import refit_map
+from plrd.core.factorize import refit_up
 from plrd.core.kinds import as_linear
 from plrd.core.sequential import REFIT_DAMPING, decompose_sequentially, find_blocks
 from plrd.core.surgery import plan_decomposition
@@ -51,24 +51,30 @@ def _weight(layer):
 LAST = "model.layers.1.mlp.down_proj"
 
 
-def test_refit_map_is_the_identity_when_the_inputs_did_not_change():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(200, 8, generator=g, dtype=torch.float64)
-    gram = x.T @ x
-    assert torch.allclose(refit_map(gram, gram, 0.01), torch.eye(8, dtype=torch.float64))
+def _data(seed=1, rows=300, features=6, outputs=5, drift=0.3):
+    g = torch.Generator().manual_seed(seed)
+    x_p = torch.randn(rows, features, generator=g, dtype=torch.float64)
+    x_c = x_p + drift * torch.randn(rows, features, generator=g, dtype=torch.float64)
+    weight = torch.randn(outputs, features, generator=g, dtype=torch.float64)
+    down = torch.randn(3, features, generator=g, dtype=torch.float64)
+    up = torch.randn(outputs, 3, generator=g, dtype=torch.float64)
+    return x_p, x_c, weight, down, up
 
 
-def test_refit_map_solves_the_least_squares_fit_to_the_uncut_outputs():
-    g = torch.Generator().manual_seed(1)
-    x_p = torch.randn(300, 6, generator=g, dtype=torch.float64)
-    x_c = x_p + 0.3 * torch.randn(300, 6, generator=g, dtype=torch.float64)
-    weight = torch.randn(5, 6, generator=g, dtype=torch.float64)
-    fitted = weight @ refit_map(x_c.T @ x_c, x_p.T @ x_c, 1e-12)
-    best = torch.linalg.lstsq(x_c, x_p @ weight.T).solution.T
+def test_refit_up_solves_the_least_squares_fit_to_the_uncut_outputs():
+    x_p, x_c, weight, down, up = _data()
+    cross, gram = x_p.T @ x_c, x_c.T @ x_c
+    fitted = refit_up(down, up, weight @ cross, gram, 0.0)
+    best = torch.linalg.lstsq(x_c @ down.T, x_p @ weight.T).solution.T
     assert torch.allclose(fitted, best, atol=1e-8)
-    # damping pulls the map back towards W
-    damped = weight @ refit_map(x_c.T @ x_c, x_p.T @ x_c, 1e6)
-    assert (damped - weight).norm() < 1e-3 * (fitted - weight).norm()
+
+
+def test_refit_up_damping_keeps_up_where_it_was():
+    x_p, x_c, weight, down, up = _data()
+    cross, gram = x_p.T @ x_c, x_c.T @ x_c
+    free = refit_up(down, up, weight @ cross, gram, 0.0)
+    damped = refit_up(down, up, weight @ cross, gram, 1e6)
+    assert (damped - up).norm() < 1e-3 * (free - up).norm()
 
 
 @pytest.mark.parametrize("calibration", ["sequential", "refit"])
@@ -100,8 +106,10 @@ def test_the_first_layers_are_cut_as_from_the_uncut_model_and_later_ones_differ(
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_each_layer_is_whitened_on_the_inputs_the_finished_cut_model_gives_it(arch):
     """Every layer's inputs depend only on the layers before it, so the Gram the finished model
-    gives a layer is the one it was cut with (this fails if a block run sees stale KV cache)."""
-    batches = token_batches(count=4, batch=2, length=16)
+    gives a layer is the one it was cut with (this fails if a block run sees stale KV cache).
+    Compared on those inputs: where they never reach (a cut v_proj leaves o_proj's inputs in a
+    subspace), the weights are free."""
+    batches = token_batches(count=8, batch=4, length=16)
     dense = TINY_MODELS[arch]()
     cut = copy.deepcopy(dense)
     report = _cut(cut, "sequential", batches)
@@ -109,33 +117,38 @@ def test_each_layer_is_whitened_on_the_inputs_the_finished_cut_model_gives_it(ar
     changed = [row for row in report.layers if row.rank_after != row.rank_before]
     assert len(changed) >= 4
     for row in changed:
-        dense_layer = (
-            as_linear(dense.get_submodule(row.name))
-            if arch == "gpt2"
-            else dense.get_submodule(row.name)
-        )
-        expected = plrd.LowRankLinear.from_linear(
-            dense_layer, row.rank_after, final_grams[row.name]
-        )
-        assert torch.allclose(
-            _weight(cut.get_submodule(row.name)), expected.dense_weight().double(), atol=1e-5
-        ), row.name
+        layer = dense.get_submodule(row.name)
+        layer = as_linear(layer) if arch == "gpt2" else layer
+        expected = plrd.LowRankLinear.from_linear(layer, row.rank_after, final_grams[row.name])
+        x_c = _inputs(cut, row.name, batches)
+        got = x_c @ _weight(cut.get_submodule(row.name)).T
+        want = x_c @ expected.dense_weight().double().T
+        assert (got - want).norm() < 1e-3 * want.norm(), row.name
 
 
-def test_refit_layers_come_closer_to_the_uncut_outputs():
-    batches = token_batches(count=4, batch=2, length=16)
+def test_refit_keeps_the_uncut_subspace_and_solves_up_for_the_uncut_outputs():
+    """down as from the uncut Grams; up the least-squares map from what the finished model
+    feeds the layer to what the uncut layer computed."""
+    batches = token_batches(count=8, batch=2, length=16)
     dense = tiny_llama()
-    weight = _weight(dense.get_submodule(LAST))
-    x_p = _inputs(dense, LAST, batches)
-    sequential, refit = copy.deepcopy(dense), copy.deepcopy(dense)
-    _cut(sequential, "sequential", batches)
-    _cut(refit, "refit", batches)
-
-    def error(model):
-        x_c = _inputs(model, LAST, batches)
-        return float(((x_c @ _weight(model.get_submodule(LAST)).T - x_p @ weight.T) ** 2).sum())
-
-    assert error(refit) < error(sequential)
+    uncut, refit = copy.deepcopy(dense), copy.deepcopy(dense)
+    _cut(uncut, "uncut", batches)
+    report = _cut(refit, "refit", batches, damping=0.0)
+    changed = [row.name for row in report.layers if row.rank_after != row.rank_before]
+    assert len(changed) >= 4
+    for name in changed:
+        got, plain = refit.get_submodule(name), uncut.get_submodule(name)
+        assert torch.equal(got.down, plain.down), name
+        x_p, x_c = _inputs(dense, name, batches), _inputs(refit, name, batches)
+        target = x_p @ _weight(dense.get_submodule(name)).T
+        best = torch.linalg.lstsq(x_c @ got.down.double().T, target).solution.T
+        assert torch.allclose(got.up.double(), best, rtol=1e-3, atol=1e-4), name
+        if name == LAST:
+            errors = [
+                float(((x_c @ _weight(m.get_submodule(name)).T - target) ** 2).sum())
+                for m in (refit, uncut)
+            ]
+            assert errors[0] < errors[1]
 
 
 def test_a_model_without_blocks_is_refused_in_one_line():

@@ -141,8 +141,11 @@ def test_refit_keeps_the_uncut_subspace_and_solves_up_for_the_uncut_outputs():
         assert torch.equal(got.down, plain.down), name
         x_p, x_c = _inputs(dense, name, batches), _inputs(refit, name, batches)
         target = x_p @ _weight(dense.get_submodule(name)).T
-        best = torch.linalg.lstsq(x_c @ got.down.double().T, target).solution.T
-        assert torch.allclose(got.up.double(), best, rtol=1e-3, atol=1e-4), name
+        codes = x_c @ got.down.double().T
+        best = torch.linalg.lstsq(codes, target).solution.T
+        # compared through the layer's outputs: o_proj's codes are ill-conditioned (a cut v_proj)
+        error = (codes @ (got.up.double() - best).T).norm()
+        assert error < 1e-3 * (codes @ best.T).norm(), name
         if name == LAST:
             errors = [
                 float(((x_c @ _weight(m.get_submodule(name)).T - target) ** 2).sum())

@@ -27,21 +27,27 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+UNCUT = ["--calibration", "uncut"]
 LEVERS = {
-    "uniform, corpus calibration": ["--allocation", "uniform"],
-    "global, corpus calibration": ["--allocation", "global"],
-    "fisher, corpus calibration (default)": ["--allocation", "fisher"],
-    "fisher, parent-written calibration": ["--allocation", "fisher", "--data", "self"],
+    "uniform, corpus calibration": ["--allocation", "uniform", *UNCUT],
+    "global, corpus calibration": ["--allocation", "global", *UNCUT],
+    "fisher, corpus calibration": ["--allocation", "fisher", *UNCUT],
+    "fisher, parent-written calibration": ["--allocation", "fisher", *UNCUT, "--data", "self"],
     "fisher, sequential calibration": ["--allocation", "fisher", "--calibration", "sequential"],
-    "fisher, sequential refit": ["--allocation", "fisher", "--calibration", "refit"],
+    "fisher, sequential refit (default)": ["--allocation", "fisher", "--calibration", "refit"],
 }
 TRAINED = {
-    "uniform, lm (the first version's recipe)": ["--allocation", "uniform", "--objective", "lm"],
-    "uniform, kd": ["--allocation", "uniform", "--objective", "kd"],
-    "fisher, lm": ["--allocation", "fisher", "--objective", "lm"],
-    "fisher, kd (default)": ["--allocation", "fisher", "--objective", "kd"],
-    "fisher, kd, lr 3e-4": ["--allocation", "fisher", "--objective", "kd", "--lr", "3e-4"],
-    "fisher, kd, lr 3e-5": ["--allocation", "fisher", "--objective", "kd", "--lr", "3e-5"],
+    "uniform, lm (the first version's recipe)": [
+        *("--allocation", "uniform", *UNCUT, "--objective", "lm")
+    ],
+    "uniform, kd": ["--allocation", "uniform", *UNCUT, "--objective", "kd"],
+    "fisher, lm": ["--allocation", "fisher", *UNCUT, "--objective", "lm"],
+    "fisher, kd": ["--allocation", "fisher", *UNCUT, "--objective", "kd"],
+    "fisher, kd, lr 3e-4": ["--allocation", "fisher", *UNCUT, "--objective", "kd", "--lr", "3e-4"],
+    "fisher, kd, lr 3e-5": ["--allocation", "fisher", *UNCUT, "--objective", "kd", "--lr", "3e-5"],
+    "fisher, refit, kd (default)": [
+        *("--allocation", "fisher", "--calibration", "refit", "--objective", "kd")
+    ],
 }
 ROW = re.compile(
     r"^(?P<name>\S+): .*held-out ppl (?P<held>[\d.]+).*general ppl (?P<general>[\d.]+)"

@@ -31,10 +31,10 @@ UNCUT = ["--calibration", "uncut"]
 LEVERS = {
     "uniform, corpus calibration": ["--allocation", "uniform", *UNCUT],
     "global, corpus calibration": ["--allocation", "global", *UNCUT],
-    "fisher, corpus calibration": ["--allocation", "fisher", *UNCUT],
+    "fisher, corpus calibration (default)": ["--allocation", "fisher", *UNCUT],
     "fisher, parent-written calibration": ["--allocation", "fisher", *UNCUT, "--data", "self"],
     "fisher, sequential calibration": ["--allocation", "fisher", "--calibration", "sequential"],
-    "fisher, sequential refit (default)": ["--allocation", "fisher", "--calibration", "refit"],
+    "fisher, sequential refit": ["--allocation", "fisher", "--calibration", "refit"],
 }
 TRAINED = {
     "uniform, lm (the first version's recipe)": [
@@ -42,10 +42,10 @@ TRAINED = {
     ],
     "uniform, kd": ["--allocation", "uniform", *UNCUT, "--objective", "kd"],
     "fisher, lm": ["--allocation", "fisher", *UNCUT, "--objective", "lm"],
-    "fisher, kd": ["--allocation", "fisher", *UNCUT, "--objective", "kd"],
+    "fisher, kd (default)": ["--allocation", "fisher", *UNCUT, "--objective", "kd"],
     "fisher, kd, lr 3e-4": ["--allocation", "fisher", *UNCUT, "--objective", "kd", "--lr", "3e-4"],
     "fisher, kd, lr 3e-5": ["--allocation", "fisher", *UNCUT, "--objective", "kd", "--lr", "3e-5"],
-    "fisher, refit, kd (default)": [
+    "fisher, refit, kd": [
         *("--allocation", "fisher", "--calibration", "refit", "--objective", "kd")
     ],
 }

@@ -213,7 +213,7 @@ class FamilyConfig:
         recipe=True,
     )
     calibration: str = option(
-        "refit",
+        "uncut",
         "uncut: whiten every layer with the Grams of the model before the cut; sequential: "
         "cut block by block, each layer whitened on the inputs the cut blocks before it "
         "produce; refit: as sequential, each layer fitted in closed form to reproduce the "

@@ -270,6 +270,13 @@ class PlannedDecomposition:
             new.up.copy_(up)
         return new
 
+    def apply(self, model: nn.Module, progress: bool = False) -> DecompositionReport:
+        """Swap every changing layer of ``model`` for its new layer (from the planning Grams)."""
+        new_modules = self.new_layers(progress=progress)
+        for name, new in new_modules.items():
+            set_submodule(model, name, new)
+        return self.report(model, new_modules)
+
     def report(
         self, model: nn.Module, new_modules: Mapping[str, LowRankLinear]
     ) -> DecompositionReport:
@@ -358,7 +365,4 @@ def decompose(
     planned = plan_decomposition(
         model, keep, targets, exclude, grams, allocation, method, progress, output_grams, min_saving
     )
-    new_modules = planned.new_layers(progress=progress)
-    for name, new in new_modules.items():
-        set_submodule(model, name, new)
-    return planned.report(model, new_modules)
+    return planned.apply(model, progress)

@@ -25,7 +25,6 @@ from torch import Tensor
 from plrd.core.calibrate import collect_grams
 from plrd.core.counting import count_parameters, format_params
 from plrd.core.fisher import collect_both_grams, collect_output_grams
-from plrd.core.kinds import set_submodule
 from plrd.core.sequential import decompose_sequentially
 from plrd.core.surgery import DecompositionReport, plan_decomposition
 from plrd.errors import DamagedFileError
@@ -141,10 +140,7 @@ def calibrate_and_decompose(
         min_saving=min_saving,
     )
     if calibration == "uncut":
-        new_modules = planned.new_layers(progress=progress)
-        for name, new in new_modules.items():
-            set_submodule(model, name, new)
-        report = planned.report(model, new_modules)
+        report = planned.apply(model, progress)
     else:
         refit = calibration == "refit"
         report = decompose_sequentially(

@@ -36,7 +36,10 @@ splitting N makes every split re-read all of ``down`` and recompute T."""
 
 def requested_backend() -> str:
     """The backend named by ``PLRD_BACKEND`` (default ``auto``), validated."""
-    name = os.environ.get("PLRD_BACKEND", "auto").strip().lower() or "auto"
+    name = os.environ.get("PLRD_BACKEND")
+    if name is None:
+        return "auto"
+    name = name.strip().lower() or "auto"
     if name not in BACKENDS:
         raise ValueError(
             f"PLRD_BACKEND={name!r} is not a backend; use one of {', '.join(BACKENDS)}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from plrd_kernels.backend import choose_backend
+from plrd_kernels.backend import choose_backend, requested_backend
 from plrd_kernels.reference import lowrank_linear_reference
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -75,6 +75,22 @@ def _triton_path():
     return triton_ops, tuning.INTERPRET
 
 
+def _torch_path(x: Tensor, down: Tensor, up: Tensor, bias: Tensor | None) -> Tensor:
+    """The two-matmul path, with the shapes checked only when torch refuses them.
+
+    At one row per call (decoding on a CPU) the Python checks and the backend choice cost
+    about a tenth of the call; torch checks the shapes anyway, so ours run only to turn its
+    error into one that names the mismatch (benchmarks/NOTES.md §7).
+    """
+    if bias is not None and bias.shape != up.shape[:1]:
+        _check_shapes(x, down, up, bias)  # a bias of shape (1,) would broadcast silently
+    try:
+        return lowrank_linear_reference(x, down, up, bias)
+    except RuntimeError:
+        _check_shapes(x, down, up, bias)
+        raise
+
+
 def lowrank_linear(x: Tensor, down: Tensor, up: Tensor, bias: Tensor | None = None) -> Tensor:
     """``y = (x @ downᵀ) @ upᵀ + bias``, differentiable in every input.
 
@@ -83,6 +99,8 @@ def lowrank_linear(x: Tensor, down: Tensor, up: Tensor, bias: Tensor | None = No
     torch, see ``plrd_kernels.backend``); on Triton every product of the forward and the
     backward runs in the fused kernels with fp32 accumulation.
     """
+    if not x.is_cuda and requested_backend() != "triton":
+        return _torch_path(x, down, up, bias)
     _check_shapes(x, down, up, bias)
     if choose_backend(x, down, up) == "torch":
         return lowrank_linear_reference(x, down, up, bias)

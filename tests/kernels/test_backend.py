@@ -69,6 +69,7 @@ def test_auto_rule():
         (((4, 11), (3, 12), (7, 3), None), "features in its last dim"),
         (((4, 12), (3, 12, 1), (7, 3), None), "must be 2-D"),
         (((4, 12), (3, 12), (7, 3), (6,)), r"bias must have shape \(7,\)"),
+        (((4, 12), (3, 12), (7, 3), (1,)), r"bias must have shape \(7,\)"),
     ],
 )
 def test_shape_errors(args, message):

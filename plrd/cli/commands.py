@@ -153,7 +153,7 @@ def _eval_data(cfg: FamilyConfig, root: Path, record: dict | None, tokenizer, de
         return RunData(corpus=corpus, general=None, general_source="none"), None
     for p in parent.parameters():
         p.requires_grad_(False)
-    return assemble(cfg, corpus, parent, tokenizer), parent
+    return assemble(cfg, corpus, parent, tokenizer, train_text=False), parent
 
 
 def run_eval(args: argparse.Namespace) -> list[dict]:

@@ -254,7 +254,9 @@ def flag_table(command: str = "family") -> str:
         if command not in opt.meta.commands:
             continue
         default = opt.meta.show_default or opt.default
-        shown = "—" if default in ((), None) else f"`{default}`"
+        if isinstance(default, tuple):
+            default = " ".join(map(str, default))
+        shown = "—" if default in ("", None) else f"`{default}`"
         choices = f" ({PIPE.join(opt.meta.choices)})" if opt.meta.choices else ""
         rows.append(f"| `{flag(opt.name)}` | {shown} | {opt.meta.help}{choices} |")
     return "\n".join(rows)

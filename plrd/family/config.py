@@ -151,11 +151,10 @@ class FamilyConfig:
         show_default="0.9,0.8,0.7",
     )
     data: tuple[str, ...] = option(
-        (),
-        "corpus: files (any name: text, or .parquet/.arrow/.csv/.json/.jsonl tables), "
-        "folders, globs, saved datasets, and 'self' for text written by the parent "
-        "(--self-tokens of it, cached); default: the pydoc_data.topics help pages shipped "
-        "with Python",
+        ("self", "pydoc"),
+        "training text: files (any name: text, or .parquet/.arrow/.csv/.json/.jsonl tables), "
+        "folders, globs, saved datasets, 'self' for text written by the parent (--self-tokens "
+        "of it, cached) and 'pydoc' for the pydoc_data.topics help pages shipped with Python",
         commands=ALL,
         recipe=True,
         many=True,

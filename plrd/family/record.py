@@ -15,7 +15,7 @@ from typing import Any
 from plrd.errors import DamagedFileError, InputError
 from plrd.family.config import FamilyConfig
 from plrd.family.data import Corpus
-from plrd.family.run_data import SELF
+from plrd.family.run_data import KEYWORDS
 from plrd.io.atomic import read_json, write_json
 from plrd.io.members import verify_member
 
@@ -39,7 +39,7 @@ def member_path(size: float) -> str:
 
 def corpus_info(corpus: Corpus, data: Sequence[str], eval_tokens: int, calib_tokens: int) -> dict:
     return {
-        "data": [p if p == SELF else os.path.abspath(os.path.expanduser(p)) for p in data],
+        "data": [p if p in KEYWORDS else os.path.abspath(os.path.expanduser(p)) for p in data],
         "fingerprint": corpus.fingerprint,
         "block_size": corpus.block_size,
         "train_documents": corpus.train_docs,

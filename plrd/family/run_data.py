@@ -1,7 +1,8 @@
 """What a family trains and measures on.
 
-- Training blocks: the training side of the text corpus, plus the parent's own text when
-  ``data`` includes ``self`` (``plrd.family.selftext``).
+- Training blocks: the training side of the text corpus (the files ``data`` names, and
+  Python's help pages when it names ``pydoc``), plus the parent's own text when ``data``
+  includes ``self`` (``plrd.family.selftext``).
 - Held-out blocks (``held_out_ppl``): the held-out side of the text corpus; with ``data = self``
   alone, held-out text written by the parent.
 - General blocks (``general_ppl``, ``kl_to_parent``): ``eval_data`` when given — text never
@@ -24,10 +25,14 @@ from plrd.errors import InputError
 from plrd.family.config import FamilyConfig
 from plrd.family.data import Corpus, build_corpus, pack, separator_id, tokenize_documents
 from plrd.family.selftext import SelfText, model_digest, row_documents
-from plrd.family.sources import load_documents
+from plrd.family.sources import default_documents, load_documents
 from plrd.io.models import cache_dir
 
 SELF = "self"
+PYDOC = "pydoc"
+"""``--data`` names that are not paths: the parent's own text, and the corpus that ships with
+Python (``plrd.family.sources.default_documents``)."""
+KEYWORDS = (SELF, PYDOC)
 
 
 @dataclass
@@ -39,7 +44,7 @@ class RunData:
 
 
 def text_paths(data: Sequence[str]) -> tuple[str, ...]:
-    return tuple(p for p in data if p != SELF)
+    return tuple(p for p in data if p not in KEYWORDS)
 
 
 def uses_self(data: Sequence[str]) -> bool:
@@ -47,12 +52,13 @@ def uses_self(data: Sequence[str]) -> bool:
 
 
 def read_text_documents(cfg: FamilyConfig) -> list[str]:
-    """The text corpus of ``cfg.data``: its paths' documents, the default corpus when ``data`` is
-    empty, none when it is ``self`` alone."""
+    """The text corpus of ``cfg.data``: the Python help pages when it names ``pydoc`` (or is
+    empty), then its paths' documents; none when it is ``self`` alone."""
     paths = text_paths(cfg.data)
-    if cfg.data and not paths:
-        return []
-    return load_documents(paths, cfg.text_column)
+    documents = default_documents() if PYDOC in cfg.data or not cfg.data else []
+    if paths:
+        documents += load_documents(paths, cfg.text_column)
+    return documents
 
 
 def _special_ids(tokenizer: Any) -> set[int]:
@@ -126,24 +132,33 @@ def text_corpus(cfg: FamilyConfig, text_documents: Sequence[str], tokenizer: Any
 
 
 def assemble(
-    cfg: FamilyConfig, corpus: Corpus | None, parent: torch.nn.Module, tokenizer: Any
+    cfg: FamilyConfig,
+    corpus: Corpus | None,
+    parent: torch.nn.Module,
+    tokenizer: Any,
+    train_text: bool = True,
 ) -> RunData:
     """The run's data: ``corpus`` with the parent's own text added when ``data`` includes
-    ``self``, and the general set."""
+    ``self``, and the general set. Without ``train_text`` (evaluation) the parent's training
+    text is not written: the corpus keeps only the fingerprint it would have."""
     general, source = general_blocks(cfg, parent, tokenizer)
     self_text = None
     if uses_self(cfg.data):
-        train = _self_blocks(cfg, parent, tokenizer, "train", cfg.self_tokens)
         digest = model_digest(parent)
-        self_text = {"parent_digest": digest, "seed": cfg.seed, "tokens": int(train.numel())}
+        train = None
+        if train_text:
+            train = _self_blocks(cfg, parent, tokenizer, "train", cfg.self_tokens)
+            self_text = {"parent_digest": digest, "seed": cfg.seed, "tokens": int(train.numel())}
         corpus = _with_self_text(corpus, train, general, digest, cfg)
     return RunData(corpus=corpus, general=general, general_source=source, self_text=self_text)
 
 
 def _with_self_text(
-    corpus: Corpus | None, train: Tensor, general: Tensor, digest: str, cfg: FamilyConfig
+    corpus: Corpus | None, train: Tensor | None, general: Tensor, digest: str, cfg: FamilyConfig
 ) -> Corpus:
     tag = hashlib.sha256(f"{digest}|{cfg.seed}|{cfg.self_tokens}".encode())
+    if train is None:  # evaluation: the same fingerprint, no training text
+        train = general[:0]
     if corpus is None:  # self text alone: held out from the parent's held-out text too
         return Corpus(
             train=train,

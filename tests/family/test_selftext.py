@@ -110,3 +110,32 @@ def test_family_and_decompose_take_data_self(tmp_path, tiny_model_dir, corpus_di
     assert main(argv) == 0, capsys.readouterr().err
     assert (out / "plrd.json").is_file() and "held-out ppl" in capsys.readouterr().out
     assert sorted((Path(os.environ["PLRD_CACHE"]) / "selftext").rglob("chunk-*")) == cached
+
+
+def test_the_default_data_mixes_self_and_pydoc_and_eval_writes_no_training_text(
+    tmp_path, tiny_model_dir
+):
+    """With no ``--data`` a family trains on the parent's text and Python's help pages, the
+    record keeps both names, and ``plrd eval`` re-measures it without writing training text."""
+    import json
+    import shutil
+
+    from plrd.cli.entry import main
+    from plrd.family.config import FamilyConfig
+    from plrd.family.run_data import read_text_documents
+    from plrd.family.sources import default_documents
+
+    assert FamilyConfig().data == ("self", "pydoc")
+    assert read_text_documents(FamilyConfig.of(data=("pydoc",))) == default_documents()
+    assert read_text_documents(FamilyConfig.of(data=("self",))) == []
+
+    out = tmp_path / "fam"
+    family = ["family", "--model", str(tiny_model_dir), "--sizes", "0.9", "--out", str(out)]
+    assert main([*family, "--tokens-per-stage", "64", "--batch-size", "2", *SMALL]) == 0
+    record = json.loads((out / "family.json").read_text())
+    assert record["corpus"]["data"] == ["self", "pydoc"]
+    assert record["corpus"]["self_text"]["tokens"] >= 512
+    for folder in (Path(os.environ["PLRD_CACHE"]) / "selftext").glob("*-train"):
+        shutil.rmtree(folder)
+    assert main(["eval", str(out), "--device", "cpu", "--no-progress"]) == 0
+    assert not list((Path(os.environ["PLRD_CACHE"]) / "selftext").glob("*-train"))

@@ -151,7 +151,7 @@ class FamilyConfig:
         show_default="0.9,0.8,0.7",
     )
     data: tuple[str, ...] = option(
-        ("self", "pydoc"),
+        ("self",),
         "training text: files (any name: text, or .parquet/.arrow/.csv/.json/.jsonl tables), "
         "folders, globs, saved datasets, 'self' for text written by the parent (--self-tokens "
         "of it, cached) and 'pydoc' for the pydoc_data.topics help pages shipped with Python",

@@ -149,24 +149,29 @@ def assemble(
         if train_text:
             train = _self_blocks(cfg, parent, tokenizer, "train", cfg.self_tokens)
             self_text = {"parent_digest": digest, "seed": cfg.seed, "tokens": int(train.numel())}
-        corpus = _with_self_text(corpus, train, general, digest, cfg)
+        held_out = general
+        if corpus is None and cfg.eval_data:  # the parent's held-out text, not the eval data
+            held_out = _self_blocks(cfg, parent, tokenizer, "held-out", cfg.eval_tokens)
+        corpus = _with_self_text(corpus, train, held_out, digest, cfg)
     return RunData(corpus=corpus, general=general, general_source=source, self_text=self_text)
 
 
 def _with_self_text(
-    corpus: Corpus | None, train: Tensor | None, general: Tensor, digest: str, cfg: FamilyConfig
+    corpus: Corpus | None, train: Tensor | None, held_out: Tensor, digest: str, cfg: FamilyConfig
 ) -> Corpus:
+    """``corpus`` with the parent's training text added; for self text alone, a corpus of it
+    whose held-out side is ``held_out`` (the parent's held-out text)."""
     tag = hashlib.sha256(f"{digest}|{cfg.seed}|{cfg.self_tokens}".encode())
     if train is None:  # evaluation: the same fingerprint, no training text
-        train = general[:0]
-    if corpus is None:  # self text alone: held out from the parent's held-out text too
+        train = held_out[:0]
+    if corpus is None:
         return Corpus(
             train=train,
-            held_out=general,
+            held_out=held_out,
             train_docs=len(train),
-            held_out_docs=len(general),
+            held_out_docs=len(held_out),
             train_tokens=int(train.numel()),
-            held_out_tokens=int(general.numel()),
+            held_out_tokens=int(held_out.numel()),
             fingerprint=tag.hexdigest()[:16],
         )
     tag.update(corpus.fingerprint.encode())

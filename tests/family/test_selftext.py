@@ -112,12 +112,15 @@ def test_family_and_decompose_take_data_self(tmp_path, tiny_model_dir, corpus_di
     assert sorted((Path(os.environ["PLRD_CACHE"]) / "selftext").rglob("chunk-*")) == cached
 
 
-def test_the_default_data_mixes_self_and_pydoc_and_eval_writes_no_training_text(
-    tmp_path, tiny_model_dir
+def test_the_default_data_is_self_and_eval_writes_no_training_text(
+    tmp_path, tiny_model_dir, corpus_dir, capsys
 ):
-    """With no ``--data`` a family trains on the parent's text and Python's help pages, the
-    record keeps both names, and ``plrd eval`` re-measures it without writing training text."""
+    """With no ``--data`` a family trains on the parent's own text; ``pydoc`` names Python's help
+    pages; ``plrd eval`` re-measures the family without writing training text, and with
+    ``--eval-data`` measures held-out ppl on the parent's held-out text, general ppl on the
+    named text."""
     import json
+    import re
     import shutil
 
     from plrd.cli.entry import main
@@ -125,17 +128,22 @@ def test_the_default_data_mixes_self_and_pydoc_and_eval_writes_no_training_text(
     from plrd.family.run_data import read_text_documents
     from plrd.family.sources import default_documents
 
-    assert FamilyConfig().data == ("self", "pydoc")
-    assert read_text_documents(FamilyConfig.of(data=("pydoc",))) == default_documents()
+    assert FamilyConfig().data == ("self",)
+    assert read_text_documents(FamilyConfig.of(data=("self", "pydoc"))) == default_documents()
     assert read_text_documents(FamilyConfig.of(data=("self",))) == []
 
     out = tmp_path / "fam"
     family = ["family", "--model", str(tiny_model_dir), "--sizes", "0.9", "--out", str(out)]
     assert main([*family, "--tokens-per-stage", "64", "--batch-size", "2", *SMALL]) == 0
     record = json.loads((out / "family.json").read_text())
-    assert record["corpus"]["data"] == ["self", "pydoc"]
+    assert record["corpus"]["data"] == ["self"]
     assert record["corpus"]["self_text"]["tokens"] >= 512
     for folder in (Path(os.environ["PLRD_CACHE"]) / "selftext").glob("*-train"):
         shutil.rmtree(folder)
-    assert main(["eval", str(out), "--device", "cpu", "--no-progress"]) == 0
+    capsys.readouterr()
+    evaluate = ["eval", str(out), "--device", "cpu", "--no-progress"]
+    assert main([*evaluate, "--eval-data", str(corpus_dir)]) == 0
     assert not list((Path(os.environ["PLRD_CACHE"]) / "selftext").glob("*-train"))
+    parent = next(line for line in capsys.readouterr().out.splitlines() if "parent:" in line)
+    held_out, general = re.search(r"held-out ppl ([\d.]+).*general ppl ([\d.]+)", parent).groups()
+    assert held_out == f"{record['parent']['held_out_ppl']:.2f}" and held_out != general

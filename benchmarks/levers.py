@@ -5,13 +5,13 @@ one member keeps, by allocation and calibration text (zero-shot) and by training
     python benchmarks/levers.py OUTSIDE --size 0.8 --work WORK
     python benchmarks/levers.py OUTSIDE --size 0.8 --work WORK --trained
 
-Zero-shot (default): for each lever (``--levers``, default: every allocation calibrated on the
-default corpus, and the fisher allocation calibrated on parent-written text) it runs ``plrd
-decompose --size SIZE`` on the default parent. ``--trained``: for each recipe (allocation ×
-objective) a one-member ``plrd family --sizes SIZE`` (the default training budget, straight from
-the parent). Either is skipped when WORK already holds it. Then ``plrd eval DIR --eval-data SET``
-for each outside set; the general perplexity, its ratio to the parent's and the KL to the parent
-are read from what ``plrd eval`` prints. The table goes to
+Zero-shot (default): for each lever (``--levers``, default: every allocation calibrated on
+Python's help pages, ``--data pydoc``, and the fisher allocation calibrated on parent-written
+text) it runs ``plrd decompose --size SIZE`` on the default parent. ``--trained``: for each
+recipe (allocation × objective × text) a one-member ``plrd family --sizes SIZE`` (the default
+training budget, straight from the parent). Either is skipped when WORK already holds it. Then
+``plrd eval DIR --eval-data SET`` for each outside set; the general perplexity, its ratio to the
+parent's and the KL to the parent are read from what ``plrd eval`` prints. The table goes to
 ``benchmarks/results/levers-[trained-]SIZE-DATE.{json,md}``: the numbers are exactly those
 commands'.
 """
@@ -27,14 +27,17 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-UNCUT = ["--calibration", "uncut"]
+CORPUS = ["--data", "pydoc"]  # the help pages: every lever below but the parent-written ones
+UNCUT = ["--calibration", "uncut", *CORPUS]
 LEVERS = {
     "uniform, corpus calibration": ["--allocation", "uniform", *UNCUT],
     "global, corpus calibration": ["--allocation", "global", *UNCUT],
     "fisher, corpus calibration (default)": ["--allocation", "fisher", *UNCUT],
-    "fisher, parent-written calibration": ["--allocation", "fisher", *UNCUT, "--data", "self"],
-    "fisher, sequential calibration": ["--allocation", "fisher", "--calibration", "sequential"],
-    "fisher, sequential refit": ["--allocation", "fisher", "--calibration", "refit"],
+    "fisher, parent-written calibration": ["--allocation", "fisher", "--data", "self"],
+    "fisher, sequential calibration": [
+        *("--allocation", "fisher", "--calibration", "sequential", *CORPUS)
+    ],
+    "fisher, sequential refit": ["--allocation", "fisher", "--calibration", "refit", *CORPUS],
 }
 TRAINED = {
     "uniform, lm (the first version's recipe)": [
@@ -46,7 +49,10 @@ TRAINED = {
     "fisher, kd, lr 3e-4": ["--allocation", "fisher", *UNCUT, "--objective", "kd", "--lr", "3e-4"],
     "fisher, kd, lr 3e-5": ["--allocation", "fisher", *UNCUT, "--objective", "kd", "--lr", "3e-5"],
     "fisher, refit, kd": [
-        *("--allocation", "fisher", "--calibration", "refit", "--objective", "kd")
+        *("--allocation", "fisher", "--calibration", "refit", "--objective", "kd", *CORPUS)
+    ],
+    "fisher, kd, parent's own text": [
+        *("--allocation", "fisher", "--objective", "kd", "--data", "self")
     ],
 }
 ROW = re.compile(

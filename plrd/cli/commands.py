@@ -116,7 +116,7 @@ def _eval_config(args: argparse.Namespace, record: dict | None) -> FamilyConfig:
 
 
 def _describe_text(data: tuple[str, ...]) -> str:
-    return ", ".join(data) if data else "the default corpus (Python's pydoc_data.topics)"
+    return ", ".join(data) if data else "pydoc (Python's pydoc_data.topics help pages)"
 
 
 def _eval_targets(root: Path, record: dict | None) -> list[tuple[str, str]]:

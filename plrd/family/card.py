@@ -89,7 +89,7 @@ def member_card(
     if "tokens" in metrics:
         made.append(
             f"- training: {metrics['tokens']:,} tokens, objective {recipe.get('objective')}, "
-            f"data {', '.join(recipe.get('data') or ['the default corpus'])}"
+            f"data {', '.join(recipe.get('data') or ['pydoc'])}"
         )
     body = [
         f"# {format_params(params)}-parameter member of {base_model}",

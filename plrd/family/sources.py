@@ -8,7 +8,7 @@
 - A folder written by ``datasets.Dataset.save_to_disk`` is read as that dataset; any other
   folder is searched recursively for files with a known suffix (``.txt``, ``.md`` and the
   table suffixes above), as are glob patterns.
-- No paths: the default corpus, the ``pydoc_data.topics`` help pages that ship with Python.
+- No paths: Python's ``pydoc_data.topics`` help pages (what ``--data pydoc`` names).
 
 Documents are yielded one at a time and tables are streamed, so a corpus larger than memory is
 read only as far as the caller takes it (``load_documents(..., max_chars=...)``).
@@ -35,7 +35,7 @@ DEFAULT_TEXT_COLUMN = "text"
 
 
 def default_documents() -> list[str]:
-    """The default corpus: the ``pydoc_data.topics`` help pages shipped with Python."""
+    """Python's ``pydoc_data.topics`` help pages, one document per topic (``--data pydoc``)."""
     from pydoc_data.topics import topics
 
     return [topics[key] for key in sorted(topics) if topics[key].strip()]
@@ -210,7 +210,7 @@ def load_documents(
     doc_chars: int = DEFAULT_DOC_CHARS,
     max_chars: int | None = None,
 ) -> list[str]:
-    """Documents from ``paths`` (the default corpus when there are none), read until they hold
+    """Documents from ``paths`` (Python's help pages when there are none), read until they hold
     ``max_chars`` characters when that is given; ``InputError`` when there is no text."""
     if not paths:
         return default_documents()

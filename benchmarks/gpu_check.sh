@@ -33,9 +33,9 @@ SUMMARY_S=20   # kept back from the whole for the summary
 
 # The correctness set on a GPU, most important first (the tests' own order within a file).
 GPU_TESTS=(
-    "tests/kernels/test_autotune.py::test_first_call_under_autotuning[fp32-chunked]"
     "tests/kernels/test_autotune.py::test_first_call_under_autotuning[fp16-chunked]"
     "tests/kernels/test_autotune.py::test_first_call_under_autotuning[fp16-decode]"
+    "tests/kernels/test_autotune.py::test_first_call_under_autotuning[fp32-chunked]"
     "tests/kernels/test_autotune.py::test_forward_and_dx_chains_tune_apart"
     "tests/kernels/test_gpu.py::test_bf16"
     "tests/kernels/test_chain.py::test_rank_chunks"

@@ -198,7 +198,10 @@ def auto_choice(case_inputs: dict) -> str:
 
 
 def measure(torch, fn: Callable, case: Case, mode: str, provider: str, t: dict, timer) -> dict:
-    """One line of results: time (median, spread), throughput, roofline %, first-call error."""
+    """One line of results: time (median, spread), throughput, roofline %, first-call error,
+    and for the fused op the configs its first call tuned (``tuned``)."""
+    from plrd_kernels import tuning
+
     backward = mode == "fwd+bwd"
     dense = provider == "dense"
     inputs = (
@@ -208,7 +211,10 @@ def measure(torch, fn: Callable, case: Case, mode: str, provider: str, t: dict, 
     record: dict = {"kind": case.kind, "m": case.m, "k": case.k, "n": case.n, "r": case.r,
                     "mode": mode, "provider": provider, "error": ""}  # fmt: skip
     try:
+        tuned_before = tuning.tuned_choices() if provider == "fused" else set()
         first = call()  # autotunes / compiles; the fused op's result is checked
+        if provider == "fused":
+            record["tuned"] = sorted(tuning.tuned_choices() - tuned_before)
         record["rel_err"] = (
             first_call_error(torch, first, t, backward) if provider == "fused" else math.nan
         )

@@ -22,11 +22,12 @@ from pathlib import Path
 
 FIELDS = [
     "stage", "kind", "m", "k", "n", "r", "mode", "provider", "ms", "ms_p10", "ms_p90",
-    "timer", "tflops", "gb_s", "floor_us", "pct_roofline", "rel_err", "auto", "error",
+    "timer", "tflops", "gb_s", "floor_us", "pct_roofline", "rel_err", "auto", "error", "tuned",
 ]  # fmt: skip
 """Columns of a case line. ms: median; ms_p10/ms_p90: the spread of the timer's samples;
 pct_roofline: the roofline floor (shapes.py) over ms, in %; rel_err: the fused op's first
-call (the one that autotunes) against float64, forward and every gradient (worst)."""
+call (the one that autotunes) against float64, forward and every gradient (worst); tuned:
+the configs that first call chose (``kernel key: config``), empty where nothing tuned."""
 
 GOAL_FWD_OVER_EAGER = 1.15
 GOAL_FWD_OVER_COMPILE = 1.0
@@ -77,6 +78,8 @@ def _plain(value: object) -> object:
     """A CSV cell: NaN empty, floats to 6 significant digits."""
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.6g}"
+    if isinstance(value, list):
+        return "; ".join(map(str, value))
     return value
 
 

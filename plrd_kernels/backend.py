@@ -4,11 +4,13 @@
 - ``triton``: the fused kernels for the forward and every product of the backward. CUDA
   tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before the kernels were first
   used (the interpreter: slow, for tests).
-- ``auto`` (default): Triton for CUDA tensors where the fused kernel is expected to win
-  (``triton_expected_to_win``: fp16/bf16, padded rank ≤ 128, ≥ 1024 rows), torch otherwise
-  (always torch on CPU). Under autocast the dtype checked is the autocast dtype.
+- ``auto`` (default): Triton for CUDA tensors where the fused kernel was measured to win
+  (``triton_expected_to_win``: fp16/bf16, one row, ≤ 4096 input features, padded rank
+  ≤ 256: a decode step), torch otherwise (always torch on CPU). Under autocast the dtype
+  checked is the autocast dtype.
 
-The ``auto`` rule and its reasoning live in benchmarks/NOTES.md; the constants are here.
+The ``auto`` rule and the H200 sweep it follows live in benchmarks/NOTES.md §4; the
+constants are here.
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ from plrd_kernels.layout import padded_rank
 
 BACKENDS = ("auto", "triton", "torch")
 
-AUTO_MAX_PADDED_RANK = 128
-"""auto: largest padded rank sent to Triton. Above it the chain is compute-bound (arithmetic
-intensity ≈ R FLOP/byte against a ridge of ≈ 184 on an H200), cuBLAS's GEMMs are the better
-engine, and the T accumulator crowds the registers."""
+AUTO_MAX_ROWS = 1
+"""auto: most rows M sent to Triton. One row (a decode step) is where the split-K decode
+kernels beat the two cuBLAS calls on an H200 (1.04–1.45× at K = 4096); at 16 rows they lose
+(0.13–0.98×), and at 8,192 rows the fused chain loses to the two GEMMs (0.47–0.77×)."""
 
-AUTO_MIN_ROWS = 1024
-"""auto: fewest rows M sent to Triton. With fewer, the row blocks cannot fill the SMs, and
-splitting N makes every split re-read all of ``down`` and recompute T."""
+AUTO_MAX_IN_FEATURES = 4096
+"""auto: most input features K sent to Triton. At K = 11,008 the one-row decode path loses
+(0.62–0.92×): its split-K partials outgrow what the two launches save."""
+
+AUTO_MAX_PADDED_RANK = 256
+"""auto: largest padded rank sent to Triton (the largest measured; 1.04–1.06× at 256)."""
 
 
 def requested_backend() -> str:
@@ -65,15 +70,16 @@ use FMA and spill registers: benchmarks/NOTES.md), so fp32 stays on cuBLAS."""
 def triton_expected_to_win(
     rows: int, in_features: int, out_features: int, rank: int, dtype: torch.dtype
 ) -> bool:
-    """The ``auto`` rule for CUDA tensors: the fused kernel for memory-bound 16-bit shapes
-    with enough rows.
-
-    ``in_features`` and ``out_features`` enter only through the padded-rank bound for now:
-    the chain's arithmetic intensity is ≈ R whatever K and N are (benchmarks/NOTES.md).
-    """
-    del in_features, out_features
+    """The ``auto`` rule for CUDA tensors: the fused kernels only where the H200 sweep
+    measured them faster than two torch matmuls (one row, K ≤ 4096, padded rank ≤ 256,
+    16-bit; benchmarks/NOTES.md §4). ``out_features`` did not change the outcome
+    (N = 4096 and 11,008 alike)."""
+    del out_features
     return (
-        dtype in AUTO_DTYPES and padded_rank(rank) <= AUTO_MAX_PADDED_RANK and rows >= AUTO_MIN_ROWS
+        dtype in AUTO_DTYPES
+        and rows <= AUTO_MAX_ROWS
+        and in_features <= AUTO_MAX_IN_FEATURES
+        and padded_rank(rank) <= AUTO_MAX_PADDED_RANK
     )
 
 

@@ -179,7 +179,7 @@ TUNED = {
     bound: autotune(configs, _INTERPRETER_CONFIGS, _KEY, _BUCKETS)(_chain_kernel)
     for bound, configs in TIERS.items()
 }
-"""One autotuned launcher per tier (the same kernel with the tier's configs)."""
+"""The autotuners of each tier (the same kernel with the tier's configs; ``for_dtype``)."""
 
 
 def tier_for_rank(rp: int) -> int:
@@ -267,7 +267,7 @@ def _launch_chunk(x, layout, a_c, b_c, bias, out, acc, t_c, *, store_y, store_t,
 
     rp = padded_rank(r_dim)
     launch(
-        TUNED[tier_for_rank(rp)],
+        TUNED[tier_for_rank(rp)].for_dtype(x.dtype),
         grid,
         x, a_c, b_c, out if bias is None else bias, out, acc, t_c,
         m_dim, k_dim, n_dim, r_dim, layout.inner,

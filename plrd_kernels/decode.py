@@ -201,7 +201,7 @@ def decode_chain(
     rp, tf32 = padded_rank(r_dim), tf32_allowed(x.dtype)
     tier = tier_for_rank(rp)
     launch(
-        _SHRINK[tier],
+        _SHRINK[tier].for_dtype(x.dtype),
         (splits,),
         x, a, partials,
         m_dim, k_dim, r_dim, layout.inner, k_split,
@@ -212,7 +212,7 @@ def decode_chain(
     )  # fmt: skip
     t_out = y2 if t2 is None else t2
     launch(
-        _EXPAND[tier],
+        _EXPAND[tier].for_dtype(b.dtype),
         lambda meta: (torch.sym_max(1, triton.cdiv(n_dim, meta["BLOCK_N"])),),  # 1: T, if N = 0
         partials, b, y2 if bias is None else bias, y2, t_out,
         m_dim, n_dim, r_dim, splits,

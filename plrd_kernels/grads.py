@@ -202,7 +202,7 @@ def reduce_rows(
         )
 
     launch(
-        _reduce_rows,
+        _reduce_rows.for_dtype(lhs.dtype),
         grid,
         lhs, rhs, c_buf, s_buf,
         rows, p_dim, q_dim, l_layout.inner, q_layout.inner,

@@ -78,29 +78,47 @@ def autotune(
     interpreter_configs: Sequence[triton.Config],
     key: Sequence[str],
     buckets: Mapping[str, Callable[[Any], Any]] | None = None,
-) -> Callable[[Any], Any]:
-    """``triton.autotune`` over ``configs`` on a GPU, keyed on ``key`` with ``buckets``
-    applied (see ``BucketedCache``). One config, never benchmarked, under the interpreter
-    (``interpreter_configs[0]``; ``fresh_autotuning`` tunes over all of them) or with
-    ``PLRD_AUTOTUNE=0`` (``configs[-1]``: each list ends with its smallest config, the one
-    sure to fit in shared memory)."""
+) -> Callable[[Any], ByPrecision]:
+    """Decorate a kernel with two autotuners (``ByPrecision``), keyed on ``key`` with
+    ``buckets`` applied (see ``BucketedCache``): fp16/bf16 inputs tune over ``configs``,
+    fp32 inputs run ``configs[-1]`` alone. Each list ends with its smallest config, the one
+    sure to fit; in IEEE fp32 the larger ones spill kilobytes of registers per thread and
+    take minutes of ``ptxas`` between them on a first call (benchmarks/NOTES.md §9), for a
+    precision ``auto`` never sends to Triton. Under the interpreter both tune over
+    ``interpreter_configs`` (one config, never benchmarked, unless ``fresh_autotuning``);
+    with ``PLRD_AUTOTUNE=0`` both run ``configs[-1]``."""
     if len(interpreter_configs) < 2:
         raise ValueError("give at least two interpreter configs (fresh_autotuning tunes them)")
-    if INTERPRET:
-        chosen = [interpreter_configs[0]]
-    elif not AUTOTUNE:
-        chosen = [configs[-1]]
-    else:
-        chosen = list(configs)
     maps = [(buckets or {}).get(name) for name in key]
 
-    def decorate(fn: Any) -> Any:
-        tuner = triton.autotune(configs=chosen, key=list(key), do_bench=_bench)(fn)
-        tuner.cache = BucketedCache(maps)
-        _TUNERS.append((tuner, list(configs), list(interpreter_configs)))
-        return tuner
+    def tuner(fn: Any, gpu_configs: list[triton.Config]) -> Any:
+        if INTERPRET:
+            chosen = [interpreter_configs[0]]
+        elif not AUTOTUNE:
+            chosen = gpu_configs[-1:]
+        else:
+            chosen = gpu_configs
+        made = triton.autotune(configs=chosen, key=list(key), do_bench=_bench)(fn)
+        made.cache = BucketedCache(maps)
+        _TUNERS.append((made, gpu_configs, list(interpreter_configs)))
+        return made
+
+    def decorate(fn: Any) -> ByPrecision:
+        return ByPrecision(tuner(fn, list(configs)), tuner(fn, list(configs[-1:])))
 
     return decorate
+
+
+class ByPrecision:
+    """One kernel's autotuners by input precision: ``narrow`` for fp16/bf16, ``fp32``."""
+
+    def __init__(self, narrow: Any, fp32: Any) -> None:
+        self.narrow = narrow
+        self.fp32 = fp32
+
+    def for_dtype(self, dtype: torch.dtype) -> Any:
+        """The autotuner that launches the kernel on inputs of ``dtype``."""
+        return self.fp32 if dtype == torch.float32 else self.narrow
 
 
 @contextlib.contextmanager
@@ -121,6 +139,16 @@ def fresh_autotuning() -> Iterator[None]:
     finally:
         for tuner, configs, cache in saved:
             tuner.configs, tuner.cache = configs, cache
+
+
+def tuned_choices() -> set[str]:
+    """Every config the autotuners have chosen so far in this process, one line each:
+    ``"<kernel> <coarse key>: <config>"`` (for benchmarks that report what was picked)."""
+    return {
+        f"{tuner.fn.__name__} {key}: {chosen}"
+        for tuner, _, _ in _TUNERS
+        for key, chosen in tuner.cache.items()
+    }
 
 
 def _bench(kernel_call: Callable[[], None], quantiles: Any) -> Any:

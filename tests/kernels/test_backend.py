@@ -7,8 +7,9 @@ import torch
 
 from plrd_kernels import lowrank_linear
 from plrd_kernels.backend import (
+    AUTO_MAX_IN_FEATURES,
     AUTO_MAX_PADDED_RANK,
-    AUTO_MIN_ROWS,
+    AUTO_MAX_ROWS,
     choose_backend,
     requested_backend,
     triton_expected_to_win,
@@ -53,13 +54,16 @@ def test_forced_triton_on_cpu_without_interpreter_fails_clearly(monkeypatch):
 
 
 def test_auto_rule():
+    """Triton where the H200 sweep measured it faster (one-row decode, K ≤ 4096), torch at
+    the shapes where it lost (16 and 8,192 rows, K = 11,008, fp32)."""
     bf16 = torch.bfloat16
-    assert triton_expected_to_win(AUTO_MIN_ROWS, 4096, 4096, 64, bf16)
-    assert triton_expected_to_win(8192, 4096, 4096, AUTO_MAX_PADDED_RANK, torch.float16)
-    assert not triton_expected_to_win(8192, 4096, 4096, AUTO_MAX_PADDED_RANK + 1, bf16)
-    assert not triton_expected_to_win(AUTO_MIN_ROWS - 1, 4096, 4096, 64, bf16)
-    assert not triton_expected_to_win(1, 4096, 4096, 16, bf16)  # decode
-    assert not triton_expected_to_win(8192, 4096, 4096, 64, torch.float32)
+    assert triton_expected_to_win(AUTO_MAX_ROWS, AUTO_MAX_IN_FEATURES, 4096, 64, bf16)
+    assert triton_expected_to_win(1, 576, 1536, AUTO_MAX_PADDED_RANK, torch.float16)
+    assert not triton_expected_to_win(1, 4096, 4096, AUTO_MAX_PADDED_RANK + 1, bf16)
+    assert not triton_expected_to_win(16, 4096, 4096, 64, bf16)
+    assert not triton_expected_to_win(8192, 4096, 4096, 64, bf16)
+    assert not triton_expected_to_win(1, 11008, 4096, 64, bf16)
+    assert not triton_expected_to_win(1, 4096, 4096, 64, torch.float32)
 
 
 @pytest.mark.parametrize(

@@ -72,7 +72,7 @@ def test_every_chain_config(triton_backend, monkeypatch, rank):
     from plrd_kernels.layout import padded_rank
 
     bound = chain.tier_for_rank(padded_rank(rank))
-    tuner = chain.TUNED[bound]
+    tuner = chain.TUNED[bound].for_dtype(torch.bfloat16)
     x, down, up, bias = _inputs((333,), 136, rank, 152, torch.bfloat16)
     too_big = []
     for cfg in chain.TIERS[bound]:
@@ -87,7 +87,7 @@ def test_every_chain_config(triton_backend, monkeypatch, rank):
 def test_every_reduction_config(triton_backend, monkeypatch):
     from plrd_kernels import grads
 
-    tuner = grads._reduce_rows
+    tuner = grads._reduce_rows.for_dtype(torch.bfloat16)
     lhs = torch.randn(3000, 150, device=CUDA, dtype=torch.bfloat16)
     rhs = torch.randn(3000, 70, device=CUDA, dtype=torch.bfloat16)
     c_ref = lhs.double().t() @ rhs.double()

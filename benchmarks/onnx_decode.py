@@ -147,19 +147,24 @@ def measure(models: dict, ids: torch.Tensor, args: argparse.Namespace) -> dict:
 
 
 def table(rows: list[dict], task: str) -> str:
-    """Markdown: tokens/s median (best) per backend, ratio of medians to the parent's."""
+    """Markdown: tokens/s median (best) per backend, the ratio of medians to the parent's and
+    the paired ratio (median over repeats of the parent's time over the model's)."""
     head = (
-        "| model | params | param ratio | PyTorch tok/s | ratio | ORT tok/s | ratio | ORT/PyTorch |"
+        "| model | params | param ratio | PyTorch tok/s | ratio | paired | ORT tok/s | ratio "
+        "| paired | ORT/PyTorch |"
     )
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r[task]
-        lines.append(
-            f"| {r['name']} | {r['parameters'] / 1e6:.1f}M | {r['param_ratio']:.3f} "
-            f"| {t['torch_tok_s']:.1f} ({t['torch_tok_s_best']:.1f}) | {t['torch_ratio']:.2f} "
-            f"| {t['ort_tok_s']:.1f} ({t['ort_tok_s_best']:.1f}) | {t['ort_ratio']:.2f} "
-            f"| {t['ort_tok_s'] / t['torch_tok_s']:.2f} |"
-        )
+        cells = [f"{r['name']}", f"{r['parameters'] / 1e6:.1f}M", f"{r['param_ratio']:.3f}"]
+        for backend in ("torch", "ort"):
+            cells += [
+                f"{t[f'{backend}_tok_s']:.1f} ({t[f'{backend}_tok_s_best']:.1f})",
+                f"{t[f'{backend}_ratio']:.2f}",
+                f"{t[f'{backend}_paired_ratio']:.2f}",
+            ]
+        cells.append(f"{t['ort_tok_s'] / t['torch_tok_s']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -174,7 +179,8 @@ def describe(payload: dict) -> str:
         f"Greedy decode, batch 1, {payload['prompt_tokens']}-token prompt + "
         f"{payload['new_tokens']} new tokens (prefill included), warm-up then "
         f"{payload['repeats']} repeats, models and backends alternating. tok/s: median "
-        "(best) over repeats; ratio: median vs the parent's on the same backend.\n\n"
+        "(best) over repeats; ratio: median vs the parent's on the same backend; paired: "
+        "median over repeats of the parent's time over the model's in the same repeat.\n\n"
         f"Batched evaluation: one pass over {payload['eval_batch']} x {payload['eval_len']} "
         "tokens, no cache.\n\n"
         f"Load average (1/5/15 min) at start {', '.join(load[:3])}, at end "
@@ -218,6 +224,10 @@ def summarize(models: dict, result: dict, args: argparse.Namespace) -> list[dict
             for backend in ("torch", "ort"):
                 key = f"{backend}_tok_s"
                 r[task][f"{backend}_ratio"] = r[task][key] / parent[task][key]
+                pairs = zip(
+                    parent[task][f"{backend}_seconds"], r[task][f"{backend}_seconds"], strict=True
+                )
+                r[task][f"{backend}_paired_ratio"] = statistics.median(p / m for p, m in pairs)
     return rows
 
 

@@ -30,6 +30,12 @@ MAX_ROWS = 16
 MIN_K_PER_SPLIT = 128
 """Fewest K columns per shrink program: enough work to hide a load's latency."""
 
+MAX_K_SPLITS = 32
+"""Most shrink programs. The expand kernel sums all S partials serially before its N tile, so
+its time grows with S·R: on an H200 K = 11,008 (86 splits) ran 3–6 µs slower than K = 4096
+(32 splits). Capped, a longer K walk per shrink program replaces the longer sum
+(benchmarks/NOTES.md §9: predicted, not yet measured)."""
+
 # Configs by padded-rank tier, as for the chain (the T tile is 16 × RP fp32 in registers, the
 # A and B tiles BLOCK × RP in shared memory); each list ends with the config PLRD_AUTOTUNE=0
 # uses. RP = 512 takes 8 warps: 4 spill (benchmarks/NOTES.md §3).
@@ -174,8 +180,9 @@ def tier_for_rank(rp: int) -> int:
 
 
 def k_splits(k_dim: int, sms: int) -> int:
-    """Shrink programs: one per SM at most, each with ≥ MIN_K_PER_SPLIT columns of K."""
-    return max(1, min(sms, triton.cdiv(k_dim, MIN_K_PER_SPLIT)))
+    """Shrink programs: at most one per SM and ``MAX_K_SPLITS``, each with ≥ MIN_K_PER_SPLIT
+    columns of K."""
+    return max(1, min(sms, MAX_K_SPLITS, triton.cdiv(k_dim, MIN_K_PER_SPLIT)))
 
 
 def decode_chain(

@@ -96,3 +96,14 @@ def test_no_output_columns_still_writes_t(device, decode_calls):
     y, t = chain(x, a, torch.randn(5, 0, device=device), store_t=True)
     assert decode_calls and y.shape == (3, 0)
     assert relative_error(t, x.double() @ a.double()) < 1e-5
+
+
+def test_k_splits_cap():
+    """At most one shrink program per SM and MAX_K_SPLITS; ≥ MIN_K_PER_SPLIT columns each."""
+    from plrd_kernels.decode import MAX_K_SPLITS, k_splits
+
+    assert k_splits(300, 4) == 3
+    assert k_splits(4096, 132) == 32
+    assert k_splits(11008, 132) == MAX_K_SPLITS  # 86 before the cap
+    assert k_splits(11008, 16) == 16
+    assert k_splits(37, 132) == 1

@@ -245,17 +245,24 @@ def machine(args: argparse.Namespace) -> dict:
     }
 
 
+def add_workload_args(
+    parser: argparse.ArgumentParser, *, threads: int, repeats: int, new_tokens: int
+) -> None:
+    """The timing options this script and ``time_split.py`` share, with their defaults."""
+    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--new-tokens", type=int, default=new_tokens)
+    parser.add_argument("--eval-batch", type=int, default=4)
+    parser.add_argument("--eval-len", type=int, default=256)
+    parser.add_argument("--name", default=None, help="result file stem (default: date+threads)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.8])
     parser.add_argument("--members", type=Path, nargs="+", default=None, help="member dirs")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache/plrd/onnx-bench")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--eval-batch", type=int, default=4)
-    parser.add_argument("--eval-len", type=int, default=256)
-    parser.add_argument("--name", default=None, help="result file stem (default: date+threads)")
+    add_workload_args(parser, threads=2, repeats=5, new_tokens=128)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer

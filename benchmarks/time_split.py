@@ -31,7 +31,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from onnx_decode import RESULTS, load_torch, parent_dir, torch_forward, torch_greedy
+from onnx_decode import (
+    RESULTS,
+    add_workload_args,
+    load_torch,
+    parent_dir,
+    torch_forward,
+    torch_greedy,
+)
 
 from plrd.core.layer import LowRankLinear
 
@@ -187,12 +194,7 @@ def report(split: dict, layers: dict, args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("members", type=Path, nargs="+", help="member directories")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--eval-batch", type=int, default=4)
-    parser.add_argument("--eval-len", type=int, default=256)
-    parser.add_argument("--name", default=None, help="result file stem")
+    add_workload_args(parser, threads=1, repeats=3, new_tokens=64)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with torch.inference_mode():

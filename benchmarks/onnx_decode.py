@@ -161,11 +161,18 @@ def table(rows: list[dict], task: str) -> str:
             cells += [
                 f"{t[f'{backend}_tok_s']:.1f} ({t[f'{backend}_tok_s_best']:.1f})",
                 f"{t[f'{backend}_ratio']:.2f}",
-                f"{t[f'{backend}_paired_ratio']:.2f}",
+                paired_cell(t, backend),
             ]
         cells.append(f"{t['ort_tok_s'] / t['torch_tok_s']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def paired_cell(task_row: dict, backend: str) -> str:
+    """The paired ratio and its quartiles over repeats, e.g. ``1.27 (1.24–1.30)``."""
+    low, high = task_row.get(f"{backend}_paired_quartiles", (None, None))
+    median = f"{task_row[f'{backend}_paired_ratio']:.2f}"
+    return median if low is None else f"{median} ({low:.2f}–{high:.2f})"
 
 
 def describe(payload: dict) -> str:
@@ -180,7 +187,8 @@ def describe(payload: dict) -> str:
         f"{payload['new_tokens']} new tokens (prefill included), warm-up then "
         f"{payload['repeats']} repeats, models and backends alternating. tok/s: median "
         "(best) over repeats; ratio: median vs the parent's on the same backend; paired: "
-        "median over repeats of the parent's time over the model's in the same repeat.\n\n"
+        "median over repeats of the parent's time over the model's in the same repeat "
+        "(quartiles in brackets).\n\n"
         f"Batched evaluation: one pass over {payload['eval_batch']} x {payload['eval_len']} "
         "tokens, no cache.\n\n"
         f"Load average (1/5/15 min) at start {', '.join(load[:3])}, at end "
@@ -217,18 +225,31 @@ def summarize(models: dict, result: dict, args: argparse.Namespace) -> list[dict
         for task, n in counts.items():
             row[task] = speeds(result["seconds"], name, task, n)
         rows.append(row)
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """In place: each row's speed ratios to the first row (the parent) per task and backend.
+
+    ``ratio``: median tok/s over the parent's; ``paired_ratio``: median over repeats of the
+    parent's time over the model's in the same repeat, with its quartiles
+    (``paired_quartiles``), which show how far a ratio moves between repeats.
+    """
     parent = rows[0]
     for r in rows:
         r["param_ratio"] = r["parameters"] / parent["parameters"]
-        for task in counts:
+        for task in ("decode", "forward"):
             for backend in ("torch", "ort"):
                 key = f"{backend}_tok_s"
                 r[task][f"{backend}_ratio"] = r[task][key] / parent[task][key]
                 pairs = zip(
                     parent[task][f"{backend}_seconds"], r[task][f"{backend}_seconds"], strict=True
                 )
-                r[task][f"{backend}_paired_ratio"] = statistics.median(p / m for p, m in pairs)
-    return rows
+                paired = [p / m for p, m in pairs]
+                r[task][f"{backend}_paired_ratio"] = statistics.median(paired)
+                quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
+                r[task][f"{backend}_paired_quartiles"] = [quartiles[0], quartiles[2]]
 
 
 def machine(args: argparse.Namespace) -> dict:

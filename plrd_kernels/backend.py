@@ -57,9 +57,14 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """Triton can be imported (it ships for Linux only)."""
-    return importlib.util.find_spec("triton") is not None
+    """Triton can be imported (it ships for Linux only). Looked up once, at import: Dynamo
+    (torch 2.11) refuses to trace ``importlib.util.find_spec``, and ``torch.compile`` traces
+    this dispatch with ``fullgraph=True``."""
+    return _TRITON_INSTALLED
 
 
 AUTO_DTYPES = (torch.float16, torch.bfloat16)

@@ -11,7 +11,9 @@ each model with ``plrd.deploy.onnx_export.export_onnx`` (validated against
 PyTorch), then times greedy decoding of ``--new-tokens`` tokens after a short prompt:
 
 * ``torch``: a greedy loop over the Hugging Face model (eager, ``torch.inference_mode``,
-  ``DynamicCache``): one prefill pass, then one pass per new token;
+  ``DynamicCache``): one prefill pass, then one pass per new token; the weights in
+  ``plrd.decode_layout`` (``--layout decode``, the default, for parent and members alike) or
+  as saved (``--layout saved``);
 * ``ort``: the same loop in ONNX Runtime (``OnnxCausalLM.generate``, KV cache fed back).
 
 and batched evaluation: one forward pass over ``--eval-batch`` rows of ``--eval-len`` tokens
@@ -43,6 +45,10 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "The best way to learn a new programming language is"
+LAYOUTS = {
+    "decode": "`plrd.decode_layout` (each weight along its longer dimension)",
+    "saved": "as saved (row-major [out, in])",
+}
 
 
 def parent_dir() -> Path:
@@ -71,14 +77,19 @@ def export(source: Path, out: Path, threads: int) -> dict:
     return json.loads(meta.read_text())
 
 
-def load_torch(source: Path) -> torch.nn.Module:
+def load_torch(source: Path, layout: str) -> torch.nn.Module:
+    """A member (``plrd.json``) or a Hugging Face model, its weights in ``layout``."""
     import plrd
 
     if (source / "plrd.json").is_file():
-        return plrd.load_pretrained(source)
-    from transformers import AutoModelForCausalLM
+        model = plrd.load_pretrained(source)
+    else:
+        from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    if layout == "decode":
+        plrd.decode_layout(model)
+    return model
 
 
 def torch_greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> list[int]:
@@ -182,7 +193,8 @@ def describe(payload: dict) -> str:
     load = [f"{x:.1f}" for x in info["loadavg_at_start"] + info["loadavg_at_end"]]
     return (
         f"{info['cpu_model']}, {info['cpu_cores']} cores, {info['threads']} thread(s) "
-        f"(torch and ORT intra-op), {info['date_utc']}. {versions}.\n\n"
+        f"(torch and ORT intra-op), {info['date_utc']}. {versions}. PyTorch weights: "
+        f"{LAYOUTS[info.get('torch_layout', 'saved')]}.\n\n"
         f"Greedy decode, batch 1, {payload['prompt_tokens']}-token prompt + "
         f"{payload['new_tokens']} new tokens (prefill included), warm-up then "
         f"{payload['repeats']} repeats, models and backends alternating. tok/s: median "
@@ -260,6 +272,7 @@ def machine(args: argparse.Namespace) -> dict:
         "cpu_model": cpu or platform.processor(),
         "cpu_cores": len(os.sched_getaffinity(0)),
         "threads": args.threads,
+        "torch_layout": args.layout,
         "versions": {p: version(p) for p in packages},
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "loadavg_at_start": list(os.getloadavg()),
@@ -276,6 +289,10 @@ def add_workload_args(
     parser.add_argument("--eval-batch", type=int, default=4)
     parser.add_argument("--eval-len", type=int, default=256)
     parser.add_argument("--name", default=None, help="result file stem (default: date+threads)")
+    parser.add_argument(
+        "--layout", choices=("decode", "saved"), default="decode",
+        help="PyTorch weights: plrd.decode_layout (default) or as saved",
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -303,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, source in sources.items():
         meta = export(source, args.work / f"onnx-{name}", args.threads)
         runner = OnnxCausalLM(args.work / f"onnx-{name}", threads=args.threads)
-        models[name] = {"torch": load_torch(source), "ort": runner, "meta": meta}
+        models[name] = {"torch": load_torch(source, args.layout), "ort": runner, "meta": meta}
     ids = AutoTokenizer.from_pretrained(parent)(PROMPT, return_tensors="pt").input_ids
     result = measure(models, ids, args)
     rows = summarize(models, result, args)

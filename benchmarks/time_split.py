@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from onnx_decode import (
+    LAYOUTS,
     RESULTS,
     add_workload_args,
     load_torch,
@@ -89,7 +90,7 @@ def whole_models(dirs: list[Path], args: argparse.Namespace) -> dict[str, dict]:
     batch = torch.randint(
         0, 49152, (args.eval_batch, args.eval_len), generator=torch.Generator().manual_seed(1)
     )
-    models = {d.name: load_torch(d) for d in dirs}
+    models = {d.name: load_torch(d, args.layout) for d in dirs}
     timers = {name: KindTimer(m) for name, m in models.items()}
     tasks = {
         "forward": lambda m: torch_forward(m, batch),
@@ -162,6 +163,7 @@ def report(split: dict, layers: dict, args: argparse.Namespace) -> str:
     """Markdown tables of the split (ms, speed-up over the parent) and the layer ratios."""
     parent = next(iter(split))
     lines = [f"# Where the time goes ({args.threads} thread(s), {datetime.date.today()})", ""]
+    lines += [f"PyTorch weights: {LAYOUTS[args.layout]}.", ""]
     for task, unit in (("forward", "s a pass"), ("decode", "ms a token")):
         scale = 1.0 if task == "forward" else 1e3 / args.new_tokens
         lines += [

@@ -25,6 +25,7 @@ _EXPORTS = {
     "load": "plrd.io.checkpoint",
     "weights_checksum": "plrd.io.checkpoint",
     "load_pretrained": "plrd.io.members",
+    "decode_layout": "plrd.deploy.layout",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -108,6 +108,7 @@ def member_card(
         "```python",
         "import plrd",
         'model = plrd.load_pretrained("path/to/this/member")  # a transformers model',
+        "plrd.decode_layout(model)  # optional: faster one-token decoding on the CPU",
         "```",
         "",
         "For ONNX Runtime: `plrd export path/to/this/member --out member-onnx`.",

@@ -17,6 +17,8 @@ weights.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +60,27 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def _contiguous_weights(model: nn.Module) -> Iterator[None]:
+    """Within the block every parameter is contiguous (safetensors writes only such tensors);
+    a strided one (``plrd.deploy.layout.decode_layout``) gets its strides back afterwards."""
+    strided = [(p, p.data) for p in model.parameters() if not p.is_contiguous()]
+    for param, data in strided:
+        param.data = data.contiguous()
+    try:
+        yield
+    finally:
+        for param, data in strided:
+            param.data = data
+
+
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``model.safetensors`` and ``plrd.json`` into ``directory`` (created if needed).
 
-    Works for any model; tied tensors are stored once. A Hugging Face model also gets its
-    ``config.json`` (and generation config), so ``plrd.load_pretrained(directory)`` rebuilds
-    it. ``plrd.json`` records the factored layers and the weights file's size and SHA-256 (see
-    the module docs for the write order).
+    Works for any model, whatever the strides of its weights; tied tensors are stored once. A
+    Hugging Face model also gets its ``config.json`` (and generation config), so
+    ``plrd.load_pretrained(directory)`` rebuilds it. ``plrd.json`` records the factored layers
+    and the weights file's size and SHA-256 (see the module docs for the write order).
     Returns the directory.
     """
     _check_model(model, "plrd.save")
@@ -80,7 +96,8 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     info = model_info(model)
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
-        safetensors.torch.save_model(model, str(tmp), metadata={"format": "pt"})
+        with _contiguous_weights(model):
+            safetensors.torch.save_model(model, str(tmp), metadata={"format": "pt"})
         _fsync(tmp)
         record = file_record(tmp)
         record["file"] = WEIGHTS_FILE

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
+from plrd.core.checks import check_module
 from plrd.core.kinds import layer_shape
 from plrd.core.targets import Patterns, find_targets
 from plrd.errors import InputError
@@ -238,11 +239,7 @@ def to_device(batch: Any, device: torch.device | None) -> Any:
 
 def check_batches_argument(model: Any, batches: Any, call: str = "collect_grams") -> None:
     """``model`` is a module and ``batches`` an iterable of batches (not one batch)."""
-    if not isinstance(model, nn.Module):
-        raise InputError(
-            f"{call} needs a torch.nn.Module as model, got {type(model).__name__}; pass "
-            "the model object itself"
-        )
+    check_module(model, call)
     if isinstance(batches, (Tensor, Mapping)):
         shape = tuple(batches.shape) if isinstance(batches, Tensor) else "a dict"
         raise InputError(

@@ -7,9 +7,10 @@ value and the fix, before any work is done.
 from __future__ import annotations
 
 import numbers
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from plrd.errors import InputError
 
@@ -17,6 +18,15 @@ GRAM_SYMMETRY_TOL = 1e-5
 """Largest |G − Gᵀ| accepted, relative to max |G| (a Σ xᵀx is symmetric up to rounding)."""
 
 _GRAM_FIX = "pass Σ xᵀx of this layer's inputs (see plrd.collect_grams)"
+
+
+def check_module(model: Any, call: str) -> None:
+    """``model`` is a ``torch.nn.Module``; ``call`` names the function in the message."""
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"{call} needs a torch.nn.Module as model, got {type(model).__name__}; pass the "
+            "model object itself"
+        )
 
 
 def label(name: str | None) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from plrd.errors import InputError
+from plrd.core.checks import check_module
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
@@ -18,11 +18,7 @@ def count_parameters(model: nn.Module) -> int:
     Two parameters are the same when they are the same object or views of the same storage
     with the same offset and shape (e.g. ``lm_head.weight`` tied to ``embed_tokens.weight``).
     """
-    if not isinstance(model, nn.Module):
-        raise InputError(
-            f"count_parameters needs a torch.nn.Module, got {type(model).__name__}; pass the "
-            "model object itself"
-        )
+    check_module(model, "count_parameters")
     seen: set[tuple] = set()
     total = 0
     for p in model.parameters():

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from plrd.core.budget import Budget
-from plrd.core.checks import check_finite, check_gram, check_weight
+from plrd.core.checks import check_finite, check_gram, check_module, check_weight
 from plrd.core.kinds import dense_weight, is_lowrank, layer_shape
 from plrd.errors import InputError
 
@@ -34,11 +34,7 @@ def check_arguments(
     model: nn.Module, keep: float, grams: object, method: str, allocation: str
 ) -> float:
     """Check decompose's arguments other than the layers; return ``keep`` as a float."""
-    if not isinstance(model, nn.Module):
-        raise InputError(
-            f"decompose needs a torch.nn.Module as model, got {type(model).__name__}; pass the "
-            "model object itself"
-        )
+    check_module(model, "decompose")
     if grams is not None and not isinstance(grams, Mapping):
         raise InputError(
             f"grams must map layer names to Gram matrices (plrd.collect_grams output), got "

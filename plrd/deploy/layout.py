@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from plrd.core.checks import check_module
 from plrd.core.layer import LowRankLinear
 
 
@@ -48,6 +49,7 @@ def decode_layout(model: nn.Module) -> int:
     (see the module's docstring for what was measured); call it after loading, before
     generating.
     """
+    check_module(model, "decode_layout")
     moved = 0
     for weight in _linear_weights(model):
         rows, columns = weight.shape

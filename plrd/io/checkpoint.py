@@ -26,6 +26,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from plrd.core.checks import check_module
 from plrd.core.counting import count_parameters
 from plrd.core.kinds import is_linear_like, is_lowrank, layer_shape, set_submodule
 from plrd.core.layer import LowRankLinear
@@ -42,14 +43,6 @@ from plrd.io.integrity import (
 )
 
 __all__ = ["save", "load", "verify_checkpoint", "weights_checksum"]
-
-
-def _check_model(model: Any, call: str) -> None:
-    if not isinstance(model, nn.Module):
-        raise InputError(
-            f"{call} needs a torch.nn.Module as model, got {type(model).__name__}; pass the "
-            "model object itself"
-        )
 
 
 def _fsync(path: Path) -> None:
@@ -83,7 +76,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     and the weights file's size and SHA-256 (see the module docs for the write order).
     Returns the directory.
     """
-    _check_model(model, "plrd.save")
+    check_module(model, "plrd.save")
     directory = as_dir(directory, "plrd.save")
     if directory.exists() and not directory.is_dir():
         raise InputError(f"{directory} is a file, not a directory; pass a directory to save into")
@@ -351,7 +344,7 @@ def load(directory: str | os.PathLike, model: nn.Module, verify: bool = True) ->
     their fit to ``model`` (``InputError`` for bad arguments), before any weight is touched
     (``model`` is left as it was). Returns ``model`` (modified in place).
     """
-    _check_model(model, "plrd.load")
+    check_module(model, "plrd.load")
     if not isinstance(verify, bool):
         raise InputError(f"verify must be True or False, got {verify!r}; pass a bool")
     directory = as_dir(directory, "plrd.load")

@@ -215,7 +215,9 @@ def test_save_load_and_count_reject_bad_arguments(tmp_path):
         plrd.load(tmp_path, None)
     with pytest.raises(InputError, match="verify must be True or False, got 'yes'"):
         plrd.load(tmp_path, model, verify="yes")
-    with pytest.raises(InputError, match="count_parameters needs a torch.nn.Module, got list"):
+    with pytest.raises(
+        InputError, match="count_parameters needs a torch.nn.Module as model, got list"
+    ):
         plrd.count_parameters([model])
 
 

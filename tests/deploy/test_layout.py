@@ -70,3 +70,10 @@ def test_saved_after_relayout_and_loaded_back(member, tmp_path):
     for name, tensor in state.items():
         assert torch.equal(loaded_state[name], tensor), name
         assert loaded_state[name].is_contiguous(), name
+
+
+def test_not_a_module_is_refused():
+    from plrd.errors import InputError
+
+    with pytest.raises(InputError, match="decode_layout needs a torch.nn.Module as model, got str"):
+        decode_layout("member-0.70")

@@ -4,10 +4,14 @@ linears, and the rest of the blocks; then the factored layers alone against thei
     python benchmarks/time_split.py family/members/size-0.70 --threads 1
 
 1. Whole models (the parent, then each member directory): one batched pass over ``--eval-batch``
-   × ``--eval-len`` tokens and ``--new-tokens`` greedy decode steps, models alternated,
-   ``--repeats`` times; forward hooks on every ``nn.Linear`` and ``LowRankLinear`` sum the time
-   spent inside them by kind. The hooks cost a few microseconds a layer, so at one row per step
-   the split is approximate; the totals are the same timings ``onnx_decode.py`` takes.
+   × ``--eval-len`` tokens and ``--new-tokens`` greedy decode steps, models alternated in a
+   rotating order, ``--repeats`` times. After each, the same products are replayed alone: every
+   weight the model multiplies (head, dense weights, the down and up factors), its own tensors
+   in module order, one ``F.linear`` each at the task's rows (the mean of ``REPLAYS`` passes
+   per decode step, the prefill counted as a step). Rest = total − products: attention, norms,
+   rotary embedding, cache, module and Python overhead, and whatever the products lose in the
+   model against running alone. No hooks, so the totals are the timings ``onnx_decode.py``
+   takes; speed-ups are the parent's time over the model's, paired by repeat.
 2. Each member's factored layers on their own, at the ranks the member holds: two products
    ``(x·downᵀ)·upᵀ`` against one dense ``x·Wᵀ`` of the same shape, at one row (``COPIES`` copies
    of the weights cycled, so that they stream from memory as in decoding) and at
@@ -21,9 +25,7 @@ Medians are printed and written as JSON to ``benchmarks/results/`` (``--name``).
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime
-import functools
 import json
 import statistics
 import time
@@ -43,74 +45,98 @@ from onnx_decode import (
 
 from plrd.core.layer import LowRankLinear
 
+KINDS = ("head", "dense", "factored")
+"""The linears by kind: the output head, dense layers, factored layers (down then up)."""
+
+REPLAYS = {"forward": 1, "decode": 8}
+"""Replayed passes of the products per repeat: a decode step's pass is short, so take a mean."""
+
 COPIES = 40
 """Copies of a layer's weights cycled at one row: 40 × a 576 × 576 layer exceed the 48 MB L3."""
 
 
-class KindTimer:
-    """Forward hooks that add each linear's wall time to its kind: head, dense, factored."""
+def weight_chain(model: torch.nn.Module) -> list[tuple[str, list[torch.Tensor]]]:
+    """(kind, weights) per linear in module order: head, dense, or factored (down, up)."""
+    head = model.get_output_embeddings()
+    chain = []
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            chain.append(("factored", [module.down, module.up]))
+        elif isinstance(module, torch.nn.Linear):
+            chain.append(("head" if module is head else "dense", [module.weight]))
+    return chain
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.seconds: collections.Counter[str] = collections.Counter()
-        self._start: dict[int, float] = {}
-        head = model.get_output_embeddings()
-        for module in model.modules():
-            if isinstance(module, (torch.nn.Linear, LowRankLinear)):
-                kind = (
-                    "head"
-                    if module is head
-                    else "factored"
-                    if isinstance(module, LowRankLinear)
-                    else "dense"
-                )
-                module.register_forward_pre_hook(self._enter)
-                module.register_forward_hook(lambda mod, args, out, k=kind: self._leave(mod, k))
 
-    def _enter(self, module: torch.nn.Module, args: tuple) -> None:
-        self._start[id(module)] = time.perf_counter()
+def replay_products(chain: list, rows: int) -> dict[str, float]:
+    """Seconds by kind of one pass of ``F.linear`` over ``chain`` at ``rows`` rows.
 
-    def _leave(self, module: torch.nn.Module, kind: str) -> None:
-        self.seconds[kind] += time.perf_counter() - self._start[id(module)]
-
-    def split(self, fn) -> dict[str, float]:
-        """Run ``fn``; its wall time split into head / dense / factored / rest seconds."""
-        self.seconds.clear()
+    Each product multiplies the model's own weight tensors, in module order, so that they
+    stream from memory as in the model, with nothing else between them.
+    """
+    seconds = dict.fromkeys(KINDS, 0.0)
+    inputs = {}
+    for kind, weights in chain:
+        n_in = weights[0].shape[1]
+        if n_in not in inputs:
+            inputs[n_in] = torch.randn(rows, n_in)
         start = time.perf_counter()
-        fn()
-        total = time.perf_counter() - start
-        split = {k: self.seconds.get(k, 0.0) for k in ("head", "dense", "factored")}
-        split["rest"] = total - sum(split.values())
-        split["total"] = total
-        return split
+        y = inputs[n_in]
+        for weight in weights:
+            y = F.linear(y, weight)
+        seconds[kind] += time.perf_counter() - start
+    return seconds
 
 
 def whole_models(dirs: list[Path], args: argparse.Namespace) -> dict[str, dict]:
-    """{model: {task: median split}} with the models alternated ``args.repeats`` times."""
+    """{model: {task: median split}}: each task's wall time and its products replayed alone.
+
+    Per repeat, models in a rotating order: the task (``--new-tokens`` greedy steps, or one pass
+    over ``--eval-batch`` × ``--eval-len`` tokens), then its products replayed (``REPLAYS``
+    passes at one row for decode, scaled to the steps; one at the pass's rows for the forward).
+    Rest = total − products.
+    """
     ids = torch.randint(0, 1000, (1, 10), generator=torch.Generator().manual_seed(0))
     batch = torch.randint(
         0, 49152, (args.eval_batch, args.eval_len), generator=torch.Generator().manual_seed(1)
     )
     models = {d.name: load_torch(d, args.layout) for d in dirs}
-    timers = {name: KindTimer(m) for name, m in models.items()}
+    chains = {name: weight_chain(m) for name, m in models.items()}
     tasks = {
-        "forward": lambda m: torch_forward(m, batch),
-        "decode": lambda m: torch_greedy(m, ids, args.new_tokens),
+        "forward": (lambda m: torch_forward(m, batch), 1, args.eval_batch * args.eval_len),
+        "decode": (lambda m: torch_greedy(m, ids, args.new_tokens), args.new_tokens, 1),
     }
     runs = {name: {task: [] for task in tasks} for name in models}
     for model in models.values():
-        for fn in tasks.values():
+        for fn, _, _ in tasks.values():
             fn(model)
-    for _ in range(args.repeats):
-        for name, model in models.items():
-            for task, fn in tasks.items():
-                runs[name][task].append(timers[name].split(functools.partial(fn, model)))
-    return {
-        name: {
-            task: {k: statistics.median(r[k] for r in splits) for k in splits[0]}
-            for task, splits in per_task.items()
-        }
-        for name, per_task in runs.items()
-    }
+    names = list(models)
+    for repeat in range(args.repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            model = models[name]
+            for task, (fn, steps, rows) in tasks.items():
+                start = time.perf_counter()
+                fn(model)
+                total = time.perf_counter() - start
+                passes = [replay_products(chains[name], rows) for _ in range(REPLAYS[task])]
+                split = {k: steps * statistics.mean(p[k] for p in passes) for k in KINDS}
+                split["total"] = total
+                split["products"] = sum(split[k] for k in KINDS)
+                split["rest"] = split["total"] - split["products"]
+                runs[name][task].append(split)
+    return {name: summarize(per_task, runs[dirs[0].name]) for name, per_task in runs.items()}
+
+
+def summarize(per_task: dict[str, list[dict]], parent: dict[str, list[dict]]) -> dict:
+    """Medians over repeats, and the parent's time over this model's paired by repeat."""
+    summary = {}
+    for task, splits in per_task.items():
+        medians = {k: statistics.median(r[k] for r in splits) for k in splits[0]}
+        for key in ("products", "total"):
+            ratios = [p[key] / r[key] for p, r in zip(parent[task], splits, strict=True)]
+            medians[f"paired_{key}"] = statistics.median(ratios)
+        summary[task] = medians
+    return summary
 
 
 def _best(fn, items: list, rounds: int = 3) -> float:
@@ -161,22 +187,21 @@ def factored_layers(member: Path, rows: int) -> dict[str, float]:
 
 def report(split: dict, layers: dict, args: argparse.Namespace) -> str:
     """Markdown tables of the split (ms, speed-up over the parent) and the layer ratios."""
-    parent = next(iter(split))
     lines = [f"# Where the time goes ({args.threads} thread(s), {datetime.date.today()})", ""]
     lines += [f"PyTorch weights: {LAYOUTS[args.layout]}.", ""]
     for task, unit in (("forward", "s a pass"), ("decode", "ms a token")):
         scale = 1.0 if task == "forward" else 1e3 / args.new_tokens
         lines += [
-            f"## {task} ({unit}; median of {args.repeats})",
+            f"## {task} ({unit}; median of {args.repeats}; speed-ups paired by repeat)",
             "",
-            "| model | head | dense | factored | rest | total | speed-up |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| model | head | dense | factored | rest | total | products speed-up | speed-up |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, per_task in split.items():
             s = per_task[task]
-            speedup = split[parent][task]["total"] / s["total"]
-            cells = [f"{s[k] * scale:.3g}" for k in ("head", "dense", "factored", "rest", "total")]
-            lines.append(f"| {name} | {' | '.join(cells)} | {speedup:.2f}× |")
+            cells = [f"{s[k] * scale:.3g}" for k in (*KINDS, "rest", "total")]
+            cells += [f"{s[k]:.2f}×" for k in ("paired_products", "paired_total")]
+            lines.append(f"| {name} | {' | '.join(cells)} |")
         lines.append("")
     lines += [
         "## factored layers alone vs dense twins",

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from onnx_decode import RESULTS, load_torch, parent_dir
+from onnx_decode import RESULTS, add_run_args, load_torch, parent_dir
 
 from plrd.core.layer import LowRankLinear
 
@@ -116,8 +116,7 @@ def report(models: dict, times: dict, totals: dict, threads: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("members", type=Path, nargs="+", help="member directories")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--name", default=None, help="result file stem")
+    add_run_args(parser, threads=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     models = {d.name: weight_shapes(load_torch(d, "saved")) for d in [parent_dir(), *args.members]}

@@ -279,16 +279,21 @@ def machine(args: argparse.Namespace) -> dict:
     }
 
 
+def add_run_args(parser: argparse.ArgumentParser, *, threads: int) -> None:
+    """The options every CPU timing script takes: threads and the result file's stem."""
+    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--name", default=None, help="result file stem (default: date+threads)")
+
+
 def add_workload_args(
     parser: argparse.ArgumentParser, *, threads: int, repeats: int, new_tokens: int
 ) -> None:
     """The timing options this script and ``time_split.py`` share, with their defaults."""
-    parser.add_argument("--threads", type=int, default=threads)
+    add_run_args(parser, threads=threads)
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--new-tokens", type=int, default=new_tokens)
     parser.add_argument("--eval-batch", type=int, default=4)
     parser.add_argument("--eval-len", type=int, default=256)
-    parser.add_argument("--name", default=None, help="result file stem (default: date+threads)")
     parser.add_argument(
         "--layout", choices=("decode", "saved"), default="decode",
         help="PyTorch weights: plrd.decode_layout (default) or as saved",

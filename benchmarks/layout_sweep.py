@@ -28,8 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from onnx_decode import RESULTS, add_run_args, load_torch, parent_dir
-
-from plrd.core.layer import LowRankLinear
+from time_split import weight_chain
 
 COLD_BYTES = 160e6
 """Bytes cycled per shape: several times the last-level cache (32 MiB on the development
@@ -39,14 +38,12 @@ LAYOUT_NAMES = ("stored", "re-laid")
 
 
 def weight_shapes(model: torch.nn.Module) -> collections.Counter:
-    """{(kind, out, in): count} over the model's linear weights and low-rank factors."""
+    """{(kind, out, in): count} over the model's weights: head, dense, down and up factors."""
     shapes: collections.Counter = collections.Counter()
-    for module in model.modules():
-        if isinstance(module, LowRankLinear):
-            shapes[("down", *module.down.shape)] += 1
-            shapes[("up", *module.up.shape)] += 1
-        elif isinstance(module, torch.nn.Linear):
-            shapes[("dense", *module.weight.shape)] += 1
+    for kind, weights in weight_chain(model):
+        names = ("down", "up") if kind == "factored" else (kind,)
+        for name, weight in zip(names, weights, strict=True):
+            shapes[(name, *weight.shape)] += 1
     return shapes
 
 
